@@ -1,0 +1,48 @@
+"""parallelize(): a plain trainable model + the config -> the Parallel object the trainer uses.
+
+Order of application follows torchtitan: activation checkpointing, then compile, then the sharding wrapper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import RootConfig
+from pipeline.parallel.base import Parallel
+from pipeline.parallel.dist import DistInfo
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
+    """Checkpoint every ``every``-th block of models that support it (the student; 0 turns it off)."""
+    if hasattr(model, "checkpoint_every"):
+        model.checkpoint_every = every
+
+
+def parallelize(
+    model: nn.Module, cfg: RootConfig, device: torch.device, dtype: torch.dtype, info: DistInfo
+) -> Parallel:
+    p = cfg.parallel
+    apply_activation_checkpointing(model, p.activation_checkpointing)
+    if p.compile and device.type == "cuda":
+        for blk in model.vit.blocks:
+            blk.compile()  # in place: state-dict keys and the attention taps stay as they are
+    if p.strategy in ("none", "ddp"):
+        from pipeline.parallel.simple import Replicated
+
+        par = Replicated(model, cfg.optim, device, dtype, ddp=p.strategy == "ddp" and info.world_size > 1)
+    elif p.strategy == "fsdp":
+        from pipeline.parallel.fsdp import FSDP2
+
+        par = FSDP2(model, cfg, device, dtype, info)
+    else:
+        from pipeline.parallel.deepspeed_engine import DeepSpeedZero
+
+        par = DeepSpeedZero(model, cfg, device, dtype, info)
+    par.description = (
+        f"strategy={p.strategy}"
+        + (f" zero_stage={p.zero_stage}" if p.strategy == "deepspeed" else "")
+        + (f" reshard_after_forward={p.reshard_after_forward}" if p.strategy == "fsdp" else "")
+        + f" activation_checkpointing={p.activation_checkpointing} world_size={info.world_size}"
+    )
+    return par

@@ -1,0 +1,48 @@
+"""What the trainer holds after parallelize(): one interface for every strategy.
+
+The trainer never branches on the strategy: it calls ``model`` through the objective, then ``backward``, ``step``,
+and ``save``/``load``/``export_state_dict`` for checkpoints. Teachers never reach this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Parallel:
+    """A wrapped trainable model with its optimizer."""
+
+    model: nn.Module  # what the objective calls (possibly a wrapper)
+    plain: nn.Module  # the unwrapped module (its parameters may be sharded)
+    optimizer: torch.optim.Optimizer
+    description: str = ""
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Autocast (or nothing) around the forward; strategies with their own precision return a null context."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, clip_grad: float) -> float:
+        """Clip (when clip_grad > 0), update, zero the grads; returns the global gradient norm before clipping."""
+        raise NotImplementedError
+
+    def save(self, directory: Path, rank: int) -> None:
+        raise NotImplementedError
+
+    def load(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The plain model's full (unsharded) state dict on CPU, complete on rank 0; collective, so every rank
+        calls it."""
+        raise NotImplementedError
