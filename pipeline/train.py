@@ -6,6 +6,7 @@ Slurm requeue work. It never imports submitit: a launcher passes ``stop_requeste
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -117,6 +118,7 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
     batches = iter(loader)
     built.model.train()
     status = "completed"
+    t_run, rates = time.perf_counter(), []
     while step < total:
         if stop_requested is not None and any_rank(stop_requested()):
             log.warning(f"stop requested: saving at step {step} and exiting for requeue")
@@ -141,7 +143,7 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
             par.backward(losses["loss"] / accum)
             teacher_s += built.objective.teacher_seconds
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
         grad_norm = par.step(cfg.optim.clip_grad)
         step += 1
         step_s = time.perf_counter() - t_step
@@ -155,6 +157,7 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
         )
         values.update({f"data_{k}": v for k, v in loader.stats().items()})
         metrics.log(step, values)
+        rates.append(values["images_per_s"])
         if step % cfg.train.ckpt_every == 0 and step < total:
             save()
     save()
@@ -162,6 +165,14 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
         full = par.export_state_dict()
         if info.is_main:
             export(run_dir / "export.safetensors", built.export(full))
+            steady = rates[len(rates) // 10 :]  # skip the warm-up steps' timings
+            summary = {
+                "status": status,
+                "steps": step,
+                "wall_s": time.perf_counter() - t_run,
+                "images_per_s": sum(steady) / len(steady) if steady else None,
+            }
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             log.info(f"done: {step} steps; exported {run_dir / 'export.safetensors'}")
     metrics.close()
     barrier()

@@ -1,0 +1,166 @@
+"""Time one full distillation step on CPU and compare its FLOP/s with plain timm and with matmul peak.
+
+    python benchmarks/bench_step.py [--batch 8] [--repeats 5] [--out benchmarks/results/step.json]
+
+ViT-S student with ViT-S feature and relation teachers at 224, fp32, random weights (speed does not depend on
+them). Prints, from one run: the step's FLOP/s against plain timm ViT-S forward+backward and against a measured
+fp32 matmul peak, the teachers' share of the step, and the step time at keep ratios 1.0 / 0.75 / 0.5 against the
+time the FLOP count predicts. Targets: FLOP/s ratio >= 0.9; at keep 0.5, measured / predicted <= 1.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.config import MaskConfig, RootConfig, StudentConfig, TeacherConfig
+from pipeline.distill import default_relation_layers
+from pipeline.distill.objective import HybridObjective
+from pipeline.models.geometry import vit_geometry
+from pipeline.models.student import Student
+from pipeline.models.teacher import Teacher, map_layers_by_depth
+from pipeline.optim import build_adamw
+
+ARCH = "vit_small_patch16_224"
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = median_time(lambda: a @ b, repeats)
+    return 2 * n**3 / t
+
+
+def build_step(keep: float, batch: int):
+    cfg = RootConfig()
+    cfg.student = StudentConfig(arch=ARCH, drop_path=0.0)
+    teacher = TeacherConfig(arch=ARCH)
+    cfg.distill.mask = MaskConfig(schedule="constant", start_ratio=1.0 - keep)
+    geo = vit_geometry(ARCH, 224, {}, "student")
+    s_layers = default_relation_layers(geo.depth)
+    pairs = list(zip(s_layers, map_layers_by_depth(s_layers, geo.depth, geo.depth)))
+    tf = Teacher(teacher, geo.grid, want_tokens=True, want_cls_attn=True, load_weights=False)
+    tr = Teacher(
+        teacher, geo.grid, relation_layers=[t for _, t in pairs], want_tokens=False, load_weights=False
+    )
+    student = Student(cfg.student, s_layers, tf.vit.embed_dim).train()
+    objective = HybridObjective(cfg.distill, tf, tr, pairs, geo.num_patches, 1, 1000, 0)
+    opt = build_adamw(student, cfg.optim)
+    images = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
+
+    def step():
+        losses = objective(student, {"images": images}, 0)
+        losses["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, objective
+
+
+def build_plain(batch: int):
+    model = timm.create_model(ARCH, pretrained=False, num_classes=0, drop_path_rate=0.0).train()
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(batch, 3, 224, 224)
+
+    def step():
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results/step.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    peak = matmul_peak()
+    plain = build_plain(args.batch)
+    plain_flops = count_flops(plain)
+    rows, steps = [], []
+    for keep in (1.0, 0.75, 0.5):
+        step, objective = build_step(keep, args.batch)
+        rows.append({"keep": keep, "flops": count_flops(step)})
+        steps.append((step, objective))
+    # Interleave the repeats (plain, keep 1.0, 0.75, 0.5, plain, ...) so that load from other processes on a shared
+    # machine hits every variant alike; the ratios are what the targets are about.
+    times: list[list[float]] = [[] for _ in range(len(steps) + 1)]
+    teacher: list[list[float]] = [[] for _ in steps]
+    for rep in range(args.repeats + 1):
+        for i, fn in enumerate([plain] + [s for s, _ in steps]):
+            t0 = time.perf_counter()
+            fn()
+            if rep > 0:  # the first round warms up allocators and caches
+                times[i].append(time.perf_counter() - t0)
+                if i > 0:
+                    teacher[i - 1].append(steps[i - 1][1].teacher_seconds)
+    plain_t = statistics.median(times[0])
+    for i, r in enumerate(rows):
+        r["seconds"] = statistics.median(times[i + 1])
+        r["teacher_share"] = statistics.median(teacher[i]) / r["seconds"]
+    base = rows[0]
+    for r in rows:
+        r["flops_per_s"] = r["flops"] / r["seconds"]
+        r["predicted_seconds"] = base["seconds"] * r["flops"] / base["flops"]
+        r["measured_over_predicted"] = r["seconds"] / r["predicted_seconds"]
+    plain_rate = plain_flops / plain_t
+    result = {
+        "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "batch": args.batch,
+        "matmul_peak_flops_per_s": peak,
+        "plain_timm": {"flops": plain_flops, "seconds": plain_t, "flops_per_s": plain_rate},
+        "steps": rows,
+        "step_vs_plain_flops_per_s": base["flops_per_s"] / plain_rate,
+        "keep05_measured_over_predicted": rows[-1]["measured_over_predicted"],
+    }
+    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"plain timm {ARCH} fwd+bwd+AdamW, batch {args.batch}: {plain_flops / 1e9:.1f} GFLOP in {plain_t:.3f} s "
+        f"= {plain_rate / 1e9:.1f} GFLOP/s ({plain_rate / peak:.0%} of peak)"
+    )
+    print(
+        f"{'keep':>5} {'GFLOP':>8} {'time s':>8} {'GFLOP/s':>8} {'vs plain':>9} {'teachers':>9} {'predicted s':>12} {'meas/pred':>10}"
+    )
+    for r in rows:
+        print(
+            f"{r['keep']:>5.2f} {r['flops'] / 1e9:>8.1f} {r['seconds']:>8.3f} {r['flops_per_s'] / 1e9:>8.1f} "
+            f"{r['flops_per_s'] / plain_rate:>9.2f} {r['teacher_share']:>9.0%} {r['predicted_seconds']:>12.3f} "
+            f"{r['measured_over_predicted']:>10.2f}"
+        )
+    print(
+        f"targets: step FLOP/s vs plain >= 0.9 -> {result['step_vs_plain_flops_per_s']:.2f}; "
+        f"keep 0.5 measured/predicted <= 1.1 -> {result['keep05_measured_over_predicted']:.2f}"
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
