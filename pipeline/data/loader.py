@@ -1,0 +1,322 @@
+"""The streaming loader the trainer uses: shards -> uint8 batches, with an exact, cheap resume position.
+
+    loader = ShardLoader(cfg, shard_dir, rank, world_size, train=True)
+    for batch in loader:  # images [B, 3, S, S] uint8 RGB, labels [B] int64, keys list[str], valid [B] bool
+        ...
+        ckpt["data"] = loader.state_dict()  # (epoch, batches consumed in it), after each consumed batch
+
+Work split (plan.py): rank first, then DataLoader worker, each a contiguous range of the epoch's sample
+sequence, so in "epoch" mode samples are disjoint across ranks and workers and cover the whole set, and every
+rank yields `batches_per_epoch` batches (no collective hangs at epoch end). Short slots pad their last batch
+and flag the padding with `valid` (stream.py). Batches are built inside workers and come back round-robin, so
+the position is (epoch, batch) and each worker recomputes where to resume (stream.py).
+
+Too few shards for ranks x workers is allowed: slots then share shards, each reading only its own samples
+(a warning says so, since a shard is then opened by several workers). Fewer *samples* than ranks x workers is
+an error naming data.num_workers: some slot would have nothing to read.
+
+Resume with another world size, num_workers, batch size, seed, mode or dataset: the position is mapped to the
+same fraction of the current epoch and a warning says so; in "epoch" mode that epoch may then repeat or skip
+some samples, since the partition changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.data.plan import read_shard_set
+from pipeline.data.stream import BatchStream, StreamSpec
+
+log = logging.getLogger(__name__)
+
+MODES = ("resampled", "epoch")
+MAX_LOGGED_BAD = 10  # per rank; later bad samples are counted in stats() only
+STATE_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    """Streaming loader settings (the `data` group of the root config)."""
+
+    train_shards: str = ""
+    """Directory holding manifest.json and the training shards (docs/shard-format.md)."""
+    val_shards: str = ""
+    """Optional directory of evaluation shards; empty means no evaluation set."""
+    img_size: int = 224
+    """Side of the square images in a batch (pixels)."""
+    batch_size: int = 64
+    """Images per batch, per rank."""
+    num_workers: int = 8
+    """DataLoader worker processes per rank; 0 decodes in the main process (tests, debugging)."""
+    mode: str = "resampled"
+    """"resampled": endless passes, each reshuffled with a new epoch seed; "epoch": each sample once per epoch."""
+    seed: int = 0
+    """Seeds shard order, sample order and augmentation (all pure functions of seed and position)."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area fraction range (MAE recipe: 0.2-1.0)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio range (torchvision default)."""
+    hflip: bool = True
+    """Random horizontal flip with probability 0.5 (training only)."""
+    max_bad_sample_rate: float = 0.01
+    """Stop when undecodable samples exceed this fraction of those seen on a rank."""
+    bad_rate_min_samples: int = 100
+    """Samples a rank must have seen before max_bad_sample_rate is enforced (one early bad file is no rate)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (ignored when num_workers is 0)."""
+    pin_memory: bool = True
+    """Pin batches for faster host-to-GPU copies; applies only when CUDA is available."""
+
+    def __post_init__(self) -> None:
+        # Hydra/OmegaConf hand tuples over as lists
+        self.crop_scale = tuple(float(x) for x in self.crop_scale)
+        self.crop_ratio = tuple(float(x) for x in self.crop_ratio)
+        checks = [
+            (self.mode in MODES, "data.mode", f"must be one of {MODES}, got {self.mode!r}"),
+            (self.img_size > 0, "data.img_size", f"must be positive, got {self.img_size}"),
+            (self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}"),
+            (self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}"),
+            (
+                self.prefetch_factor > 0,
+                "data.prefetch_factor",
+                f"must be positive, got {self.prefetch_factor}",
+            ),
+            (
+                _is_range(self.crop_scale, 0.0, 1.0),
+                "data.crop_scale",
+                f"needs 0 < lo <= hi <= 1: {self.crop_scale}",
+            ),
+            (
+                _is_range(self.crop_ratio, 0.0, math.inf),
+                "data.crop_ratio",
+                f"needs 0 < lo <= hi: {self.crop_ratio}",
+            ),
+            (0.0 <= self.max_bad_sample_rate <= 1.0, "data.max_bad_sample_rate", "must be in [0, 1]"),
+            (self.bad_rate_min_samples >= 1, "data.bad_rate_min_samples", "must be >= 1"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise ValueError(f"{key} {why}")
+
+
+def _is_range(r: tuple[float, ...], lo: float, hi: float) -> bool:
+    return len(r) == 2 and lo < r[0] <= r[1] <= hi
+
+
+class ShardLoader:
+    """Iterate uint8 batches of one rank; see the module docstring for the split, padding and resume rules.
+
+    train=False: manifest order, resize + centre crop, exact-once ("epoch" mode whatever cfg.mode says).
+    In "epoch" mode each `for` runs from the current position to the end of that epoch; in "resampled" mode
+    it never ends. After load_state_dict, start a new `for`.
+    """
+
+    def __init__(
+        self, cfg: DataConfig, shard_dir: str | Path, rank: int = 0, world_size: int = 1, train: bool = True
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.cfg = cfg
+        self.shard_set = read_shard_set(shard_dir)
+        self.rank, self.world_size = rank, world_size
+        self.mode = cfg.mode if train else "epoch"
+        workers = max(1, cfg.num_workers)
+        self._check_sizes(workers)
+        self.spec = StreamSpec(
+            shard_set=self.shard_set,
+            rank=rank,
+            world_size=world_size,
+            num_workers=workers,
+            batch_size=cfg.batch_size,
+            img_size=cfg.img_size,
+            crop_scale=cfg.crop_scale,
+            crop_ratio=cfg.crop_ratio,
+            hflip=cfg.hflip,
+            seed=cfg.seed,
+            train=train,
+            resampled=self.mode == "resampled",
+        )
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batch], read by workers
+        self._loader = DataLoader(
+            BatchStream(self.spec, self._position),
+            batch_size=None,  # batches are built in the workers (one batch = one worker)
+            num_workers=cfg.num_workers,
+            persistent_workers=cfg.num_workers > 0,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
+            pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        )
+        self.epoch, self.batch = 0, 0  # position: batches of `epoch` consumed so far
+        self._counts = {"samples_seen": 0, "bad_samples": 0, "missing_samples": 0, "padded_samples": 0}
+        self._truncated_shards: set[str] = set()
+        self._last_bad: tuple[str, str, str] | None = None  # (shard, key, reason), for the rate error
+        self._generation = 0  # bumped by each new iteration / load_state_dict; stale iterators stop
+
+    def _check_sizes(self, workers: int) -> None:
+        shards, n, slots = len(self.shard_set.counts), self.shard_set.num_samples, self.world_size * workers
+        if n < slots:
+            raise ValueError(
+                f"{self.shard_set.root}: {n} samples cannot feed {self.world_size} ranks x {workers} workers; "
+                f"lower data.num_workers to at most {max(1, n // self.world_size)} or use fewer ranks"
+            )
+        if shards < slots:
+            log.warning(
+                "%s: %d shards for %d ranks x %d workers (data.num_workers): workers share shards, each "
+                "reading only its own samples; make more shards to avoid repeated opens",
+                self.shard_set.root,
+                shards,
+                self.world_size,
+                workers,
+            )
+        if self.rank != 0:  # one stat per shard is cheap once, not on every rank of a parallel file system
+            return
+        for i, size in enumerate(self.shard_set.num_bytes):
+            path = self.shard_set.path(i)
+            try:
+                found = path.stat().st_size
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path}: listed in the manifest but missing") from None
+            if found < size:
+                log.warning("%s: %d bytes, manifest says %d: truncated copy", path, found, size)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank yields per epoch (equal on all ranks)."""
+        return self.spec.num_workers * self.spec.batches_per_slot
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.shard_set.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Human-readable names where the manifest has them, else the class ids (e.g. WordNet ids)."""
+        return list(self.shard_set.class_names or self.shard_set.classes)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._generation += 1
+        return self._iterate(self._generation)
+
+    def _iterate(self, generation: int) -> Iterator[dict[str, Any]]:
+        self._position.copy_(torch.tensor([self.epoch, self.batch]))  # before iter(): workers read it there
+        expected = self.batches_per_epoch - self.batch  # epoch mode: the workers stop exactly here
+        received = 0
+        for batch in self._loader:
+            if generation != self._generation:
+                raise RuntimeError(
+                    "ShardLoader iterator is stale: the loader was re-iterated or its state loaded"
+                )
+            self._account(batch.pop("meta"))
+            received += 1
+            self.batch += 1
+            if self.batch == self.batches_per_epoch:  # position after an epoch's last batch: (epoch + 1, 0)
+                self.epoch, self.batch = self.epoch + 1, 0
+            yield batch
+        if received != expected:  # an invariant resume relies on; failing silently would shift every batch
+            raise RuntimeError(f"epoch ended after {received} batches, expected {expected}")
+
+    def _account(self, meta: dict[str, Any]) -> None:
+        for name, key in (("samples_seen", "seen"), ("bad_samples", "bad"), ("missing_samples", "missing")):
+            self._counts[name] += meta[key]
+        self._counts["padded_samples"] += meta["padded"]
+        for shard, lo, hi, got, why in meta["truncated"]:
+            self._truncated_shards.add(shard)
+            log.warning(
+                "rank %d: shard %s is truncated or damaged (%s): read %d of samples [%d, %d); the rest of this "
+                "shard is skipped and counted as missing",
+                self.rank,
+                shard,
+                why,
+                got,
+                lo,
+                hi,
+            )
+        bad_before = self._counts["bad_samples"] - meta["bad"]
+        for shard, key, why in meta["bad_examples"][: max(0, MAX_LOGGED_BAD - bad_before)]:
+            log.warning("rank %d: skipped undecodable sample %s in shard %s: %s", self.rank, key, shard, why)
+        if bad_before < MAX_LOGGED_BAD <= self._counts["bad_samples"]:
+            log.warning("rank %d: further undecodable samples are counted in stats() only", self.rank)
+        if meta["bad_examples"]:
+            self._last_bad = meta["bad_examples"][-1]
+        self._check_bad_rate()
+
+    def _check_bad_rate(self) -> None:
+        seen, bad = self._counts["samples_seen"], self._counts["bad_samples"]
+        if seen < self.cfg.bad_rate_min_samples or bad <= self.cfg.max_bad_sample_rate * seen:
+            return
+        shard, key, why = self._last_bad or ("?", "?", "?")
+        raise RuntimeError(
+            f"rank {self.rank}: {bad} of {seen} samples failed to decode ({bad / seen:.2%}), above "
+            f"data.max_bad_sample_rate={self.cfg.max_bad_sample_rate:.2%}; latest: {key} in shard "
+            f"{self.shard_set.root / shard}: {why}"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this rank since the start of training (restored on resume), for metrics."""
+        seen = self._counts["samples_seen"]
+        return {
+            **self._counts,
+            "bad_sample_rate": self._counts["bad_samples"] / seen if seen else 0.0,
+            "truncated_shards": len(self._truncated_shards),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch,
+        }
+
+    def _layout(self) -> dict[str, Any]:
+        # what the position means: if any of it changes, the same (epoch, batch) names other samples
+        return {
+            "world_size": self.world_size,
+            "num_workers": self.spec.num_workers,
+            "batch_size": self.spec.batch_size,
+            "seed": self.spec.seed,
+            "mode": self.mode,
+            "num_samples": self.shard_set.num_samples,
+            "num_shards": len(self.shard_set.counts),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position (identical on every rank, so rank 0's is enough to resume all) plus this rank's counters."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "batches_per_epoch": self.batches_per_epoch,
+            "layout": self._layout(),
+            "counts": dict(self._counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        self._generation += 1
+        self._counts.update(state["counts"])
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        changed = {
+            k: (v, state["layout"].get(k)) for k, v in self._layout().items() if state["layout"].get(k) != v
+        }
+        if changed:
+            self.batch = min(
+                self.batches_per_epoch - 1,
+                round(self.batch * self.batches_per_epoch / state["batches_per_epoch"]),
+            )
+            diff = ", ".join(f"{k} {old} -> {new}" for k, (new, old) in changed.items())
+            log.warning(
+                "data loader resumed with a different layout (%s): restarting epoch %d at batch %d of %d, "
+                "the same fraction as saved (%d of %d); this epoch may repeat or skip some samples",
+                diff,
+                self.epoch,
+                self.batch,
+                self.batches_per_epoch,
+                state["batch"],
+                state["batches_per_epoch"],
+            )
+        log.info(
+            "data loader resumes at epoch %d, batch %d of %d", self.epoch, self.batch, self.batches_per_epoch
+        )
