@@ -17,32 +17,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-ROOT = Path("runs/demo")
 
 
 @dataclass
 class Stage:
     name: str
     overrides: list[str]
+    run_dir: Path
     kind: str = "train"  # train | convert
     result: dict = field(default_factory=dict)
 
-    @property
-    def run_dir(self) -> Path:
-        return ROOT / self.name
 
+def stages(root: Path, steps: int, limit: int | None, extra: list[str]) -> list[Stage]:
+    """Every path is under root, so a second demo (the tests' small one) never touches runs/demo."""
+    data = [f"data.train_shards={root / 'shards/train'}", f"data.val_shards={root / 'shards/test'}"]
+    common = [f"train.steps={steps}", *data, *extra]
+    hybrid = [
+        "experiment=demo_hybrid",
+        f"teacher_feature.checkpoint={root / 'teacher_supervised/export.safetensors'}",
+        f"teacher_relation.checkpoint={root / 'teacher_mae/export.safetensors'}",
+        *common,
+    ]
+    cut = ["--limit", str(limit)] if limit else []
 
-def stages(steps: int, extra: list[str]) -> list[Stage]:
-    common = [f"train.steps={steps}", *extra]
-    hybrid = ["experiment=demo_hybrid", *common]
+    def train(name: str, overrides: list[str]) -> Stage:
+        return Stage(name, [*overrides, f"name=demo/{name}", f"run_dir={root / name}"], root / name)
+
     return [
-        Stage("shards/train", ["--split", "train"], kind="convert"),
-        Stage("shards/test", ["--split", "test"], kind="convert"),
-        Stage("teacher_supervised", ["experiment=demo_teacher_supervised", *common]),
-        Stage("teacher_mae", ["experiment=demo_teacher_mae", *common]),
-        Stage("hybrid", [*hybrid, "name=demo/hybrid"]),
-        Stage("feature_only", [*hybrid, "name=demo/feature_only", "distill.beta=0"]),
-        Stage("relation_only", [*hybrid, "name=demo/relation_only", "distill.alpha=0"]),
+        Stage("shards/train", ["--split", "train", *cut], root / "shards/train", kind="convert"),
+        Stage("shards/test", ["--split", "test", *cut], root / "shards/test", kind="convert"),
+        train("teacher_supervised", ["experiment=demo_teacher_supervised", *common]),
+        train("teacher_mae", ["experiment=demo_teacher_mae", *common]),
+        train("hybrid", hybrid),
+        train("feature_only", [*hybrid, "distill.beta=0"]),
+        train("relation_only", [*hybrid, "distill.alpha=0"]),
     ]
 
 
@@ -83,19 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=400, help="optimizer steps of every training stage")
     ap.add_argument("--knn-train", type=int, default=10000, help="train images used as the k-NN memory bank")
+    ap.add_argument("--root", type=Path, default=Path("runs/demo"), help="where shards, runs and the report go")
+    ap.add_argument("--limit", type=int, default=0, help="convert only the first N images of each split (tests)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training stage")
     args = ap.parse_args(argv)
     if not FASHION.exists():
         raise SystemExit(f"[demo] {FASHION} is missing: install the Debian package dataset-fashion-mnist")
     t_start = time.perf_counter()
-    plan = stages(args.steps, args.overrides)
+    plan = stages(args.root, args.steps, args.limit or None, args.overrides)
     for stage in plan:
         run_stage(stage)
-    from pipeline.demo_report import evaluate_all, write_report
+    from pipeline.demo_report import evaluate_all, write_demo_report
 
-    banner("k-NN evaluation on the test split")
-    rows = evaluate_all(ROOT, plan, args.knn_train)
-    report = write_report(ROOT, plan, rows, args, time.perf_counter() - t_start)
+    banner("k-NN and linear probe on the test split")
+    rows = evaluate_all(args.root, plan, args.knn_train)
+    report = write_demo_report(args.root, plan, rows, args, time.perf_counter() - t_start)
     print(f"\n[demo] report: {report}", flush=True)
     print(json.dumps({r["model"]: r["knn_top1"] for r in rows}, indent=2))
     return 0

@@ -1,0 +1,58 @@
+"""`make demo` in miniature: every stage on a few hundred real images, then the report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_smoke_runs_every_stage_and_reuses_them(tmp_path):
+    root = tmp_path / "demo"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.demo",
+        "--root",
+        str(root),
+        "--steps",
+        "3",
+        "--limit",
+        "200",
+        "--knn-train",
+        "150",
+        "data.batch_size=16",
+        "data.num_workers=0",
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = (root / "report.md").read_text()
+    for model in (
+        "teacher_supervised",
+        "teacher_mae",
+        "hybrid",
+        "feature_only",
+        "relation_only",
+        "random_init",
+    ):
+        assert f"| {model} |" in report
+        if model != "random_init":
+            assert json.loads((root / model / "summary.json").read_text())["steps"] == 3
+    assert "200 train / 200 test images" in report
+    assert (root / "attention_distance.png").stat().st_size > 0
+    assert str(root / "report.md") in first.stdout
+    # A second invocation reuses every finished stage instead of training again.
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("done earlier, reused") == 7
+    assert "pipeline.train" not in second.stdout
+
+
+def test_demo_refuses_missing_dataset(monkeypatch, tmp_path):
+    import pipeline.demo as demo
+
+    monkeypatch.setattr(demo, "FASHION", Path(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="dataset-fashion-mnist"):
+        demo.main(["--root", str(tmp_path / "d")])
