@@ -33,7 +33,10 @@ def test_run_writes_artifacts_and_exports_timm_student(smoke_args):
 
 
 def test_resume_is_bit_identical(smoke_args, tmp_path):
-    """2N steps in one go == N steps, a fresh process state, resume, N more steps (CPU, fixed seed)."""
+    """2N steps in one go == N steps, a fresh process state, resume, N more steps (CPU, fixed seed).
+
+    Drop path is on, so the global RNG must be restored exactly (and the loader must not draw from it)."""
+    smoke_args = [*smoke_args, "student.drop_path=0.2"]
     straight = load_config(smoke_args + [f"run_dir={tmp_path / 'straight'}", "train.ckpt_every=100"])
     run(straight)
     # First leg: stop after 4 steps by asking for a stop at step 4 (what a preemption does).

@@ -152,6 +152,9 @@ class ShardLoader:
             persistent_workers=cfg.num_workers > 0,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
             pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+            # Its own generator: starting an iterator must not draw from the global RNG, which the trainer
+            # restores on resume (drop path draws would shift by one). Workers seed everything explicitly.
+            generator=torch.Generator(),
         )
         self.epoch, self.batch = 0, 0  # position: batches of `epoch` consumed so far
         self._counts = {"samples_seen": 0, "bad_samples": 0, "missing_samples": 0, "padded_samples": 0}

@@ -29,8 +29,9 @@ class Parallel:
         loss.backward()
 
     def set_lr(self, lr: float) -> None:
+        """Every group gets lr x its "lr_scale" (1 unless set, e.g. by layer-wise decay in fine-tuning)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def step(self, clip_grad: float) -> float:
         """Clip (when clip_grad > 0), update, zero the grads; returns the global gradient norm before clipping."""

@@ -1,0 +1,235 @@
+"""``python -m pipeline.analysis``: attention diversity of students and teachers, training curves, a markdown report.
+
+    python -m pipeline.analysis --run student=runs/demo/student --run feature_teacher=runs/demo/teacher_supervised \\
+        --run relation_teacher=runs/demo/teacher_mae --images 64
+
+For each run: per layer and head, the average attention distance and the NMI of the attention
+(pipeline.eval.attention documents both and the [CLS] convention) on the first ``--images`` validation images;
+then attention_distance.png, attention_nmi.png, training_curves.png, analysis.json and report.md in ``--out``
+(default: the first run's directory), the table joined with each run's eval.json when pipeline.evaluate wrote one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never needs a display (Slurm nodes, CI)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.data.loader import DataConfig, ShardLoader  # noqa: E402
+from pipeline.eval.attention import attention_statistics  # noqa: E402
+from pipeline.eval.encoder import Encoder, load_encoder, read_run_config  # noqa: E402
+
+__all__ = [
+    "analyze_encoder",
+    "plot_attention_distance",
+    "plot_per_head",
+    "plot_training_curves",
+    "write_report",
+]
+
+
+def analyze_encoder(encoder: Encoder, images: torch.Tensor, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """uint8 images [B, 3, H, W] -> {"distance": [L, H] pixels, "nmi": [L, H]} for a frozen encoder."""
+    device = next(encoder.parameters()).device
+    x = encoder.prepare(images.to(device))
+    return {k: v.numpy() for k, v in attention_statistics(encoder.vit, x, batch_size).items()}
+
+
+def plot_per_head(values: Mapping[str, np.ndarray], path: str | Path, ylabel: str, title: str) -> Path:
+    """One panel per model, side by side: each head's value at each layer as a dot, the head mean as a line."""
+    names = list(values)
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        v = np.asarray(values[name])  # [L, H]
+        layers = np.arange(1, v.shape[0] + 1)
+        for h in range(v.shape[1]):
+            ax.scatter(layers, v[:, h], s=12, alpha=0.6, color="tab:blue", edgecolors="none")
+        ax.plot(layers, v.mean(1), color="tab:red", lw=1.5, label="mean over heads")
+        ax.set_title(name)
+        ax.set_xlabel("layer")
+        ax.set_xticks(layers)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].legend(loc="best", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_attention_distance(distances: Mapping[str, np.ndarray], path: str | Path) -> Path:
+    """{name: [L, H] distance in pixels} -> PNG: per-layer distance of every head as dots plus the mean line."""
+    return plot_per_head(distances, path, "mean attention distance (px)", "Attention distance per head")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl (pipeline.metrics): one object per optimizer step."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(metrics: Mapping[str, str | Path], path: str | Path) -> Path:
+    """{name: metrics.jsonl} -> PNG with one panel per run: every ``loss*`` term by step (log scale)."""
+    names = list(metrics)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        records = read_metrics(metrics[name])
+        keys = sorted({k for r in records for k in r if k.startswith("loss")})
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if pts:
+                steps, vals = zip(*pts)
+                ax.plot(steps, vals, lw=1.2, label=key)
+        every = [r[k] for r in records for k in keys if isinstance(r.get(k), (int, float))]
+        if every and min(every) > 0 and max(every) > 20 * min(every):  # log only when terms span decades
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows of dicts -> a markdown table whose columns are the union of the keys, in first-seen order."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(
+    run_dir: str | Path,
+    table_rows: Sequence[Mapping[str, Any]],
+    images: Mapping[str, str | Path] | Sequence[str | Path],
+    title: str = "",
+    notes: str = "",
+) -> Path:
+    """run_dir/report.md: a title, the results table, optional notes, then the plots (linked relative to it)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    items = images.items() if isinstance(images, Mapping) else [(Path(p).stem, p) for p in images]
+    parts = [f"# {title or run_dir.name}", "", markdown_table(table_rows), ""]
+    if notes:
+        parts += [notes, ""]
+    for caption, img in items:
+        img = Path(img)
+        rel = (
+            img.resolve().relative_to(run_dir.resolve())
+            if img.resolve().is_relative_to(run_dir.resolve())
+            else img
+        )
+        parts += [f"## {caption}", "", f"![{caption}]({rel.as_posix()})", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def first_images(shard_dir: str, count: int, img_size: int) -> torch.Tensor:
+    """The first ``count`` valid images of a shard set (manifest order, eval transform): uint8 [n, 3, S, S]."""
+    cfg = DataConfig(img_size=img_size, batch_size=min(count, 64), num_workers=0)
+    loader = ShardLoader(cfg, shard_dir, train=False)
+    out: list[torch.Tensor] = []
+    for batch in loader:
+        out.append(batch["images"][batch["valid"]])
+        if sum(len(x) for x in out) >= count:
+            break
+    return torch.cat(out)[:count]
+
+
+def _parse_runs(items: list[str]) -> dict[str, Path]:
+    runs = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        runs[name if sep else Path(item).name] = Path(path if sep else item)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.analysis", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--run", action="append", required=True, help="NAME=RUN_DIR (repeat; first is the report's)"
+    )
+    p.add_argument(
+        "--shards", default="", help="images to analyse (default: the first run's data.val_shards)"
+    )
+    p.add_argument("--images", type=int, default=64, help="number of images averaged over")
+    p.add_argument("--out", default="", help="report directory (default: the first run's directory)")
+    args = p.parse_args(argv)
+    runs = _parse_runs(args.run)
+    first = next(iter(runs.values()))
+    out = Path(args.out) if args.out else first
+    try:
+        shards = args.shards or read_run_config(first)[1].val_shards
+        encoders = {name: load_encoder(path) for name, path in runs.items()}
+        images = first_images(shards, args.images, next(iter(encoders.values())).img_size)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    stats = {name: analyze_encoder(enc, images) for name, enc in encoders.items()}
+    plots = {
+        "Attention distance": plot_attention_distance(
+            {n: s["distance"] for n, s in stats.items()}, out / "attention_distance.png"
+        ),
+        "Attention NMI": plot_per_head(
+            {n: s["nmi"] for n, s in stats.items()},
+            out / "attention_nmi.png",
+            "NMI",
+            "Attention NMI per head",
+        ),
+    }
+    curves = {n: path / "metrics.jsonl" for n, path in runs.items() if (path / "metrics.jsonl").is_file()}
+    if curves:
+        plots["Training curves"] = plot_training_curves(curves, out / "training_curves.png")
+    rows = []
+    for name, path in runs.items():
+        ev = json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() else {}
+        rows.append(
+            {
+                "model": name,
+                "k-NN top-1": ev.get("knn", {}).get("top1"),
+                "linear top-1": ev.get("linear", {}).get("top1"),
+                "mean distance (px)": float(stats[name]["distance"].mean()),
+                "mean NMI": float(stats[name]["nmi"].mean()),
+            }
+        )
+    (out / "analysis.json").write_text(
+        json.dumps({n: {k: v.tolist() for k, v in s.items()} for n, s in stats.items()}, indent=1)
+    )
+    notes = (
+        f"Attention statistics over the first {len(images)} images of `{shards}`; patch queries and patch keys, "
+        "[CLS] mass dropped and rows renormalised (pipeline/eval/attention.py)."
+    )
+    report = write_report(out, rows, plots, notes=notes)
+    print(markdown_table(rows))
+    print(f"wrote {report}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
