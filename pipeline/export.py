@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.config import StudentConfig
-from pipeline.data.transforms import EVAL_CROP_FRACTION
 from pipeline.eval.encoder import EXPORT_NAME, read_run_config
 from pipeline.models.checkpoints import read_state_dict, to_timm
 from pipeline.models.geometry import create_vit
@@ -31,8 +30,10 @@ from pipeline.models.geometry import create_vit
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
 
-def timm_config(student: StudentConfig, num_features: int) -> dict[str, Any]:
-    """config.json in timm's Hugging Face layout; num_classes 0 in model_args makes the model headless."""
+def timm_config(student: StudentConfig, num_features: int, crop_pct: float = 0.875) -> dict[str, Any]:
+    """config.json in timm's Hugging Face layout; num_classes 0 in model_args makes the model headless.
+
+    crop_pct is the run's data.eval_crop_fraction: timm's eval transform then matches this project's."""
     size = student.img_size
     return {
         "architecture": student.arch,
@@ -44,7 +45,7 @@ def timm_config(student: StudentConfig, num_features: int) -> dict[str, Any]:
             "input_size": [3, size, size],
             "fixed_input_size": True,
             "interpolation": "bicubic",
-            "crop_pct": EVAL_CROP_FRACTION,
+            "crop_pct": crop_pct,
             "crop_mode": "center",
             "mean": list(student.mean),
             "std": list(student.std),
@@ -77,7 +78,10 @@ def export_timm(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pat
     os.replace(tmp, weights)
     config = weights.parent / CONFIG_NAME
     num_features = int(sd["pos_embed"].shape[-1])
-    config.write_text(json.dumps(timm_config(student, num_features), indent=2) + "\n")
+    _, data = read_run_config(run_dir)
+    config.write_text(
+        json.dumps(timm_config(student, num_features, data.eval_crop_fraction), indent=2) + "\n"
+    )
     return weights, config
 
 

@@ -66,6 +66,8 @@ class DataConfig:
     """RandomResizedCrop aspect-ratio range (torchvision default)."""
     hflip: bool = True
     """Random horizontal flip with probability 0.5 (training only)."""
+    eval_crop_fraction: float = 0.875
+    """Evaluation: resize the shorter side to img_size / fraction, then centre-crop (ImageNet: 0.875)."""
     max_bad_sample_rate: float = 0.01
     """Stop when undecodable samples exceed this fraction of those seen on a rank."""
     bad_rate_min_samples: int = 100
@@ -82,6 +84,11 @@ class DataConfig:
         checks = [
             (self.mode in MODES, "data.mode", f"must be one of {MODES}, got {self.mode!r}"),
             (self.img_size > 0, "data.img_size", f"must be positive, got {self.img_size}"),
+            (
+                0 < self.eval_crop_fraction <= 1,
+                "data.eval_crop_fraction",
+                f"must be in (0, 1], got {self.eval_crop_fraction}",
+            ),
             (self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}"),
             (self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}"),
             (
@@ -140,6 +147,7 @@ class ShardLoader:
             crop_scale=cfg.crop_scale,
             crop_ratio=cfg.crop_ratio,
             hflip=cfg.hflip,
+            eval_crop_fraction=cfg.eval_crop_fraction,
             seed=cfg.seed,
             train=train,
             resampled=self.mode == "resampled",

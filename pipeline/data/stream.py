@@ -48,6 +48,7 @@ class StreamSpec:
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
     hflip: bool
+    eval_crop_fraction: float
     seed: int
     train: bool  # True: shuffled + RandomResizedCrop/flip; False: manifest order + resize/centre-crop
     resampled: bool  # True: epochs follow each other forever; False: one epoch per iterator
@@ -132,7 +133,7 @@ def _transform(
     img = decode_rgb(slot.image_bytes(sample))
     if spec.train:
         return train_transform(img, spec.img_size, spec.crop_scale, spec.crop_ratio, spec.hflip, rng)
-    return eval_transform(img, spec.img_size)
+    return eval_transform(img, spec.img_size, spec.eval_crop_fraction)
 
 
 def make_batch(spec: StreamSpec, slot: SlotEpoch, worker: int, k: int) -> dict[str, Any]:

@@ -28,8 +28,6 @@ warnings.filterwarnings(
     "ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning
 )
 
-EVAL_CROP_FRACTION = 0.875  # eval: resize the shorter side to img_size / 0.875 (256 for 224), centre-crop
-
 
 def decode_rgb(data: bytearray | memoryview) -> torch.Tensor:
     """Image bytes -> [3, H, W] uint8 RGB (greyscale, palette and CMYK sources become RGB; alpha is dropped).
@@ -96,9 +94,11 @@ def train_transform(
     return out
 
 
-def eval_transform(img: torch.Tensor, size: int) -> torch.Tensor:
-    """[3, H, W] uint8 -> [3, size, size] uint8: shorter side to size / 0.875 (bicubic), then centre crop."""
+def eval_transform(img: torch.Tensor, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
+    """[3, H, W] uint8 -> [3, size, size] uint8: shorter side to size / crop_fraction (bicubic), centre crop.
+
+    0.875 is the ImageNet convention (256 -> 224); 1.0 keeps the whole image (small, centred objects)."""
     resized = F.resize(
-        img, [int(size / EVAL_CROP_FRACTION)], interpolation=InterpolationMode.BICUBIC, antialias=True
+        img, [int(round(size / crop_fraction))], interpolation=InterpolationMode.BICUBIC, antialias=True
     )
     return F.center_crop(resized, [size, size])
