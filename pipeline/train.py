@@ -75,6 +75,11 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
     """Train until cfg.train.steps; returns "completed", or "preempted" after a clean save on request."""
     info = init_distributed(cfg.parallel.backend)
     setup_logging(info.rank)
+    if info.world_size > 1 and cfg.parallel.strategy == "none":
+        raise ConfigError(
+            f"parallel.strategy: none runs one unsynchronised copy per rank ({info.world_size} ranks); "
+            "use ddp, fsdp or deepspeed"
+        )
     device = pick_device(cfg.train.device, info)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -121,7 +126,7 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
     t_run, rates = time.perf_counter(), []
     while step < total:
         if stop_requested is not None and any_rank(stop_requested()):
-            log.warning(f"stop requested: saving at step {step} and exiting for requeue")
+            log.warning(f"stop requested: saving at step {step} and returning to the launcher")
             status = "preempted"
             break
         par.set_lr(lr_at(step, total, peak, warm, cfg.optim.min_lr))

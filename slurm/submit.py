@@ -1,0 +1,165 @@
+"""`python -m slurm.submit [--dry-run] [--wait] [--sweep key=a,b] [hydra overrides]`: submit training to Slurm.
+
+The config is composed and validated here, on the login node, so a typo fails before anything is queued. Each
+run gets its run directory (the trainer auto-resumes from it: resubmitting the same command continues a run);
+submitit's scripts, pickles and logs go to <run_dir>/slurm. A sweep (Hydra multirun syntax) is one array job,
+one task per combination, each with its own run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import TextIO
+
+from submitit.core.utils import FailedJobError
+from submitit.slurm.slurm import SlurmJob
+
+from pipeline.config import ConfigError, RootConfig, load_config
+from slurm import job
+from slurm.executor import make_executor, sbatch_script, tasks_per_node
+from slurm.sweep import expand
+
+
+def load_runs(overrides: list[str], check_files: bool = True) -> list[RootConfig]:
+    """One validated config per sweep combination, with absolute and distinct run directories."""
+    try:
+        combos = expand(overrides)
+    except ValueError as err:
+        raise ConfigError(f"overrides: {err}") from None
+    cfgs = [load_config(c.overrides, check_files=check_files) for c in combos]
+    if len({c.run_dir for c in cfgs}) < len(cfgs):
+        # The sweep does not change run_dir itself: one sub-directory per combination, named by its values.
+        for cfg, combo in zip(cfgs, combos):
+            cfg.run_dir = os.path.join(cfg.run_dir, combo.dirname)
+    for cfg in cfgs:  # the job may start in another directory; the run directory must not move with it
+        cfg.run_dir = os.path.abspath(cfg.run_dir)
+    if any(cfg.slurm != cfgs[0].slurm for cfg in cfgs):
+        raise ConfigError("slurm: settings cannot differ between the runs of one sweep (one array job)")
+    ranks = cfgs[0].slurm.nodes * tasks_per_node(cfgs[0].slurm)
+    if ranks > 1 and any(cfg.parallel.strategy == "none" for cfg in cfgs):
+        # Each rank would train its own unsynchronised copy and only rank 0's would be saved.
+        raise ConfigError(f"parallel.strategy: 'none' cannot train {ranks} ranks; use ddp, fsdp or deepspeed")
+    return cfgs
+
+
+def slurm_folder(cfgs: list[RootConfig]) -> Path:
+    """<run_dir>/slurm; a sweep's array job keeps its files beside its runs, in <common parent>/slurm."""
+    if len(cfgs) == 1:
+        return Path(cfgs[0].run_dir) / "slurm"
+    return Path(os.path.commonpath([c.run_dir for c in cfgs])) / "slurm"
+
+
+def submit(cfgs: list[RootConfig], command: str) -> list[SlurmJob]:
+    """Submit one job (or one array job for a sweep) and record `command` in every run directory."""
+    executor = make_executor(cfgs[0].slurm, slurm_folder(cfgs), cfgs[0].name)
+    with executor.batch():  # several submissions in one batch become one array job
+        jobs = [executor.submit(job.train, cfg) for cfg in cfgs]
+    stamp = datetime.now().isoformat(timespec="seconds")
+    for cfg, j in zip(cfgs, jobs):
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(cfg.run_dir) / "submit_command.txt", "a") as f:
+            f.write(f"# {stamp} job {j.job_id}, rank-0 log {log_paths(j)[0]}\n")
+            f.write(f"cd {shlex.quote(os.getcwd())} && {command}\n")
+    return jobs
+
+
+def log_paths(j: SlurmJob) -> tuple[Path, Path]:
+    """stdout and stderr of global rank 0 (each rank has its own pair, suffixed _<rank>_log.*)."""
+    paths = j.task(0).paths
+    return paths.stdout, paths.stderr
+
+
+def finished(*jobs: SlurmJob) -> bool:
+    """Whether all jobs ended (a requeued one has not): results written, or sacct says so.
+
+    One forced sacct call for all of them: done() alone asks only every few minutes once a job is old, so a
+    crash without a result would be noticed late.
+    """
+    SlurmJob.watcher.update()
+    return all(j.done() or j.watcher.is_done(j.job_id, mode="cache") for j in jobs)
+
+
+def follow(jobs: list[SlurmJob], out: TextIO | None = None, poll_s: float = 5.0) -> bool:
+    """Print new lines of each job's rank-0 logs until all jobs end (requeues included); True if all succeeded."""
+    out = out or sys.stdout  # looked up now, not at import, so a redirected stdout is honoured
+    offsets: dict[Path, int] = {}
+    while True:
+        ended = finished(*jobs)  # checked before reading, so the last lines are printed
+        for j in jobs:
+            for path in log_paths(j):
+                if path.exists() and path.stat().st_size > offsets.get(path, 0):
+                    with path.open() as f:
+                        f.seek(offsets.get(path, 0))
+                        out.write(f.read())
+                        offsets[path] = f.tell()
+        out.flush()
+        if ended:
+            break
+        time.sleep(poll_s)
+    ok = True
+    for j in jobs:
+        err = j.exception()
+        ok = ok and err is None
+        print(f"job {j.job_id} " + ("succeeded" if err is None else f"failed: {reason(err)}"), file=out)
+    return ok
+
+
+def reason(err: Exception) -> str:
+    """One line for a failed job: submitit wraps the job's traceback between dashed lines; its last line is
+    the exception."""
+    parts = str(err).split("-" * 22)
+    trace = parts[1] if len(parts) >= 3 else parts[0]
+    lines = [ln.strip() for ln in trace.splitlines() if ln.strip()]
+    return lines[-1] if len(parts) >= 3 and lines else (lines[0] if lines else type(err).__name__)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m slurm.submit",
+        description="Submit training to Slurm; the config is validated here, before anything is queued.",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    parser.add_argument("--wait", action="store_true", help="follow rank 0's logs until the job ends")
+    parser.add_argument(
+        "--sweep", action="append", default=[], metavar="KEY=V1,V2", help="a swept key (repeatable)"
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides; KEY=V1,V2 sweeps as well")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        cfgs = load_runs(args.overrides + args.sweep)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for cfg in cfgs:
+            print(f"# would run {cfg.name} in {cfg.run_dir}", file=sys.stderr)
+        print(sbatch_script(cfgs[0].slurm, slurm_folder(cfgs), cfgs[0].name, array_size=len(cfgs)), end="")
+        return 0
+    command = shlex.join([sys.executable, "-m", "slurm.submit", *argv])
+    try:
+        jobs = submit(cfgs, command)
+    except FailedJobError as err:  # sbatch refused the job (bad partition, account, GRES, ...)
+        print(f"sbatch failed: {str(err).strip()}", file=sys.stderr)
+        return 1
+    for cfg, j in zip(cfgs, jobs):
+        stdout, stderr = log_paths(j)
+        print(f"submitted job {j.job_id} ({j.num_tasks} tasks)")
+        print(f"  run dir: {cfg.run_dir}\n  logs:    {stdout}\n           {stderr}")
+    if args.wait:
+        return 0 if follow(jobs) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
