@@ -89,10 +89,14 @@ def run_stage(stage: Stage) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400, help="optimizer steps of every training stage")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps of every training stage")
     ap.add_argument("--knn-train", type=int, default=10000, help="train images used as the k-NN memory bank")
-    ap.add_argument("--root", type=Path, default=Path("runs/demo"), help="where shards, runs and the report go")
-    ap.add_argument("--limit", type=int, default=0, help="convert only the first N images of each split (tests)")
+    ap.add_argument(
+        "--root", type=Path, default=Path("runs/demo"), help="where shards, runs and the report go"
+    )
+    ap.add_argument(
+        "--limit", type=int, default=0, help="convert only the first N images of each split (tests)"
+    )
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training stage")
     args = ap.parse_args(argv)
     if not FASHION.exists():

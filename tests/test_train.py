@@ -24,10 +24,20 @@ def test_run_writes_artifacts_and_exports_timm_student(smoke_args):
     steps = [s for s, _ in losses(rd)]
     assert steps == list(range(1, cfg.train.steps + 1))
     record = json.loads((rd / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("loss_feat", "loss_rel", "lr", "images_per_s", "teacher_share", "data_wait_share", "mask_ratio"):
+    for key in (
+        "loss_feat",
+        "loss_rel",
+        "lr",
+        "images_per_s",
+        "teacher_share",
+        "data_wait_share",
+        "mask_ratio",
+    ):
         assert key in record
     ckpts = sorted(p.name for p in (rd / "checkpoints").iterdir())
-    assert ckpts == ["step_000000004", "step_000000008"] and all((rd / "checkpoints" / c / "COMPLETE").exists() for c in ckpts)
+    assert ckpts == ["step_000000004", "step_000000008"] and all(
+        (rd / "checkpoints" / c / "COMPLETE").exists() for c in ckpts
+    )
     model = timm.create_model(cfg.student.arch, num_classes=0, img_size=32, **cfg.student.model_kwargs)
     model.load_state_dict(load_file(str(rd / "export.safetensors")))  # strict: no distillation head inside
 
@@ -50,7 +60,10 @@ def test_resume_is_bit_identical(smoke_args, tmp_path):
     assert run(split, stop_requested=stop_after_four) == "preempted"
     assert [s for s, _ in losses(tmp_path / "split")] == [1, 2, 3, 4]
     torch.manual_seed(1234)  # disturb global RNG: resume must restore it
-    assert run(load_config(smoke_args + [f"run_dir={tmp_path / 'split'}", "train.ckpt_every=100"])) == "completed"
+    assert (
+        run(load_config(smoke_args + [f"run_dir={tmp_path / 'split'}", "train.ckpt_every=100"]))
+        == "completed"
+    )
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
 
 
