@@ -24,11 +24,14 @@ class Stage:
     name: str
     overrides: list[str]
     run_dir: Path
-    kind: str = "train"  # train | convert
+    kind: str = "train"  # train | convert | finetune
     result: dict = field(default_factory=dict)
 
 
-def stages(root: Path, steps: int, limit: int | None, extra: list[str]) -> list[Stage]:
+FINETUNED = ("teacher_supervised", "teacher_mae", "hybrid", "feature_only", "relation_only")
+
+
+def stages(root: Path, steps: int, ft_steps: int, limit: int | None, extra: list[str]) -> list[Stage]:
     """Every path is under root, so a second demo (the tests' small one) never touches runs/demo."""
     data = [f"data.train_shards={root / 'shards/train'}", f"data.val_shards={root / 'shards/test'}"]
     common = [f"train.steps={steps}", *data, *extra]
@@ -43,6 +46,12 @@ def stages(root: Path, steps: int, limit: int | None, extra: list[str]) -> list[
     def train(name: str, overrides: list[str]) -> Stage:
         return Stage(name, [*overrides, f"name=demo/{name}", f"run_dir={root / name}"], root / name)
 
+    def finetune(name: str) -> Stage:
+        out = root / "finetune" / name
+        overrides = ["preset=fmnist_demo", f"init.run={root / name}", f"run_dir={out}", "model.img_size=28"]
+        overrides += [*data, f"train.steps={ft_steps}", f"train.eval_every={ft_steps}"]
+        return Stage(f"finetune/{name}", overrides, out, kind="finetune")
+
     return [
         Stage("shards/train", ["--split", "train", *cut], root / "shards/train", kind="convert"),
         Stage("shards/test", ["--split", "test", *cut], root / "shards/test", kind="convert"),
@@ -51,6 +60,7 @@ def stages(root: Path, steps: int, limit: int | None, extra: list[str]) -> list[
         train("hybrid", hybrid),
         train("feature_only", [*hybrid, "distill.beta=0"]),
         train("relation_only", [*hybrid, "distill.alpha=0"]),
+        *(finetune(name) for name in FINETUNED if ft_steps > 0),
     ]
 
 
@@ -59,7 +69,8 @@ def banner(msg: str) -> None:
 
 
 def run_stage(stage: Stage) -> None:
-    done_marker = stage.run_dir / ("manifest.json" if stage.kind == "convert" else "summary.json")
+    marker = {"convert": "manifest.json", "train": "summary.json", "finetune": "finetune.json"}[stage.kind]
+    done_marker = stage.run_dir / marker
     if done_marker.exists():
         print(f"[demo] {stage.name}: done earlier, reused ({done_marker})", flush=True)
         stage.result = {"wall_s": None, "reused": True}
@@ -76,7 +87,8 @@ def run_stage(stage: Stage) -> None:
         ]
         cmd += stage.overrides
     else:
-        cmd = [sys.executable, "-m", "pipeline.train", *stage.overrides]
+        module = "pipeline.train" if stage.kind == "train" else "pipeline.finetune"
+        cmd = [sys.executable, "-m", module, *stage.overrides]
     banner(f"{stage.name}: {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd)
@@ -91,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps of every training stage")
     ap.add_argument("--knn-train", type=int, default=10000, help="train images used as the k-NN memory bank")
+    ap.add_argument("--finetune-steps", type=int, default=150, help="short fine-tune of each model (0: skip)")
     ap.add_argument(
         "--root", type=Path, default=Path("runs/demo"), help="where shards, runs and the report go"
     )
@@ -102,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if not FASHION.exists():
         raise SystemExit(f"[demo] {FASHION} is missing: install the Debian package dataset-fashion-mnist")
     t_start = time.perf_counter()
-    plan = stages(args.root, args.steps, args.limit or None, args.overrides)
+    plan = stages(args.root, args.steps, args.finetune_steps, args.limit or None, args.overrides)
     for stage in plan:
         run_stage(stage)
     from pipeline.demo_report import evaluate_all, write_demo_report

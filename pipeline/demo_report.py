@@ -65,12 +65,15 @@ def evaluate_all(root: Path, plan: list, knn_train: int) -> list[dict[str, Any]]
         knn = knn_accuracy(train_f, train_y, test_f, test_y, k=20, temperature=0.07, num_classes=10)
         probe = linear_probe(train_f, train_y, test_f, test_y, epochs=30, lr=0.1, num_classes=10)
         summary = _summary(root / name)
+        ft_path = root / "finetune" / name / "finetune.json"
+        finetuned = json.loads(ft_path.read_text())["val_top1"] if ft_path.exists() else None
         rows.append(
             {
                 "model": name,
                 "what": label,
                 "knn_top1": round(knn, 2),
                 "linear_top1": round(probe, 2),
+                "finetune_top1": None if finetuned is None else round(finetuned, 2),
                 "train_images_per_s": None if summary is None else round(summary["images_per_s"], 1),
                 "train_wall_s": None if walls.get(name) is None else round(walls[name], 1),
                 "eval_s": round(time.perf_counter() - t0, 1),
@@ -122,7 +125,8 @@ def write_demo_report(root: Path, plan: list, rows: list[dict], args, total_s: f
             f"Every training stage ran {args.steps} optimizer steps on CPU in fp32; the three students share one budget.",
             f"k-NN: k=20, T=0.07, cosine, memory bank of the first {args.knn_train} train images (eval transform),",
             f"evaluated on all {n_test} test images; linear probe: BatchNorm (no affine) + Linear, 30 epochs, same features.",
-            "Features: mean of the last-layer patch tokens after the final norm.",
+            "Features: mean of the last-layer patch tokens after the final norm. Fine-tune: conf/finetune/fmnist_demo.yaml"
+            f" (MAE recipe, layer decay 0.75) for {args.finetune_steps} steps, top-1 on the whole test split.",
             "",
             "| stage | wall time |",
             "|---|---|",

@@ -23,6 +23,8 @@ def test_demo_smoke_runs_every_stage_and_reuses_them(tmp_path):
         "200",
         "--knn-train",
         "150",
+        "--finetune-steps",
+        "2",
         "data.batch_size=16",
         "data.num_workers=0",
     ]
@@ -41,13 +43,42 @@ def test_demo_smoke_runs_every_stage_and_reuses_them(tmp_path):
         if model != "random_init":
             assert json.loads((root / model / "summary.json").read_text())["steps"] == 3
     assert "200 train / 200 test images" in report
+    assert (
+        "finetune_top1" in report
+        and json.loads((root / "finetune/hybrid/finetune.json").read_text())["steps"] == 2
+    )
+    # The prepared teachers load through the same path as published checkpoints and are frozen.
+    check_prepared_teachers(root)
     assert (root / "attention_distance.png").stat().st_size > 0
     assert str(root / "report.md") in first.stdout
     # A second invocation reuses every finished stage instead of training again.
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done earlier, reused") == 7
+    assert second.stdout.count("done earlier, reused") == 12  # 2 conversions, 5 trainings, 5 fine-tunes
     assert "pipeline.train" not in second.stdout
+
+
+def check_prepared_teachers(root: Path) -> None:
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.models.teacher import Teacher
+
+    cfg = load_config(
+        [
+            "experiment=demo_hybrid",
+            f"teacher_feature.checkpoint={root / 'teacher_supervised/export.safetensors'}",
+            f"teacher_relation.checkpoint={root / 'teacher_mae/export.safetensors'}",
+        ]
+    )
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    for tcfg, fmt in ((cfg.teacher_feature, "timm"), (cfg.teacher_relation, "mae")):
+        assert tcfg.format == fmt
+        teacher = Teacher(tcfg, (7, 7), relation_layers=[1], want_cls_attn=True)
+        teacher.train()
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        out = teacher(images)
+        assert out["tokens"].shape == (2, 49, 96) and out["tokens"].grad_fn is None
 
 
 def test_demo_refuses_missing_dataset(monkeypatch, tmp_path):
