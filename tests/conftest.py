@@ -27,7 +27,12 @@ def fashion_shards(tmp_path_factory) -> dict[str, Path]:
     for split, limit in (("train", 600), ("test", 200)):
         out[split] = root / split
         args = [str(FASHION), str(out[split]), "--source", "fashion-mnist", "--split", split]
-        assert convert([*args, "--limit", str(limit), "--shard-samples", "100", "--no-progress", "--workers", "1"]) == 0
+        assert (
+            convert(
+                [*args, "--limit", str(limit), "--shard-samples", "100", "--no-progress", "--workers", "1"]
+            )
+            == 0
+        )
     return out
 
 
