@@ -94,11 +94,11 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
         cfg.data, cfg.data.train_shards, rank=info.rank, world_size=info.world_size, train=True
     )
     built = build(cfg, device, num_classes=loader.num_classes)
+    n_params = sum(p.numel() for p in built.model.parameters())  # before ZeRO-3 partitions them
     par = parallelize(built.model, cfg, device, dtype, info)
     accum, total = cfg.optim.accum_steps, cfg.train.steps
     global_batch = cfg.data.batch_size * info.world_size * accum
     peak, warm = scaled_lr(cfg.optim, global_batch), warmup_steps(cfg.optim, total)
-    n_params = sum(p.numel() for p in built.model.parameters())
     log.info(
         f"run {cfg.name} -> {run_dir} | objective {cfg.distill.objective} | {par.description} | "
         f"per-rank batch {cfg.data.batch_size} x accum {accum} -> global batch {global_batch} | "
