@@ -118,10 +118,11 @@ def write_demo_report(root: Path, plan: list, rows: list[dict], args, total_s: f
     )
     cfg_path = root / "hybrid" / "config.yaml"
     n_train, n_test = (read_manifest(root / f"shards/{split}")["num_samples"] for split in ("train", "test"))
+    img_size = read_run_config(root / "hybrid")[0].img_size
     notes = "\n".join(
         [
             f"Real data: Fashion-MNIST (Debian dataset-fashion-mnist), {n_train} train / {n_test} test images, "
-            "10 classes, 32 px crops.",
+            f"10 classes, {img_size} px images.",
             f"Every training stage ran {args.steps} optimizer steps on CPU in fp32; the three students share one budget.",
             f"k-NN: k=20, T=0.07, cosine, memory bank of the first {args.knn_train} train images (eval transform),",
             f"evaluated on all {n_test} test images; linear probe: BatchNorm (no affine) + Linear, 30 epochs, same features.",
