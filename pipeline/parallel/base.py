@@ -13,6 +13,13 @@ import torch
 from torch import nn
 
 
+def autocast_unless_fp32(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to dtype on device, or nothing for fp32 (the CPU default)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 class Parallel:
     """A wrapped trainable model with its optimizer."""
 

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from pipeline.config import RootConfig
 from pipeline.optim import build_adamw
-from pipeline.parallel.base import Parallel
+from pipeline.parallel.base import Parallel, autocast_unless_fp32
 from pipeline.parallel.dist import DistInfo
 from pipeline.parallel.single import ensure_process_group
 
@@ -60,9 +60,7 @@ class FSDP2(Parallel):
     def forward_context(self) -> contextlib.AbstractContextManager:
         # The student normalises uint8 images to fp32 inside its root forward, before the bf16 patch embedding:
         # autocast covers that cast (FSDP's cast_forward_inputs only sees the uint8 input).
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast_unless_fp32(self.device, self.dtype)
 
     def step(self, clip_grad: float) -> float:
         params = [p for p in self.plain.parameters() if p.grad is not None]

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.optim import build_adamw
-from pipeline.parallel.base import Parallel
+from pipeline.parallel.base import Parallel, autocast_unless_fp32
 
 
 class Replicated(Parallel):
@@ -25,9 +25,7 @@ class Replicated(Parallel):
         self.device, self.dtype = device, dtype
 
     def forward_context(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast_unless_fp32(self.device, self.dtype)
 
     def step(self, clip_grad: float) -> float:
         params = [p for p in self.plain.parameters() if p.grad is not None]
