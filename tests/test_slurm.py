@@ -298,6 +298,11 @@ def scontrol_job(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
+def node_states() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
 def sacct_state(job_id: str) -> str:
     out = subprocess.run(
         ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True
@@ -354,7 +359,13 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(assets, re
     assert info["Restarts"] == "1"
     stopped_at = len(metrics(cfg.run_dir))
     assert 3 <= stopped_at < STEPS, "the job was meant to stop mid-run"
-    # A requeued job is held for 120 s (BeginTime); release it now.
+    # A requeued job is held for 120 s (BeginTime); release it early. Not within the second of the requeue: slurmd
+    # revoked the first run's credential at a whole-second time, and a new one issued in that same second is
+    # refused ("Job credential revoked"), which fails the job. Wait until the nodes have cleaned up, then 2 s.
+    while any(state.startswith("comp") for state in node_states()):
+        assert time.monotonic() < deadline, node_states()
+        time.sleep(0.5)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={j.job_id}", "StartTime=now"], check=True)
     wait_for(j, 600)
     # submitit's job.results() waited through the requeue: same job id, results from the second run.
