@@ -276,6 +276,16 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
 
+def validate_parallel(p: ParallelConfig) -> None:
+    """The `parallel` group's checks, shared by pretraining and fine-tuning."""
+    _one_of(p.strategy, "parallel.strategy", ("none", "ddp", "fsdp", "deepspeed"))
+    _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"{p.zero_stage} is not 1, 2 or 3")
+    _require(p.activation_checkpointing >= 0, "parallel.activation_checkpointing", "must be >= 0")
+    _one_of(p.backend, "parallel.backend", ("auto", "nccl", "gloo"))
+    _one_of(p.offload_optimizer, "parallel.offload_optimizer", ("none", "cpu"))
+    _one_of(p.offload_param, "parallel.offload_param", ("none", "cpu"))
+
+
 def validate(cfg: RootConfig, check_files: bool = True) -> None:
     """Check values and cross-field rules that the schema's types cannot express, naming the key."""
     d, m, o, t, p = cfg.distill, cfg.distill.mask, cfg.optim, cfg.train, cfg.parallel
@@ -326,10 +336,7 @@ def validate(cfg: RootConfig, check_files: bool = True) -> None:
     _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     _one_of(t.dtype, "train.dtype", ("auto", "fp32", "bf16"))
     _one_of(t.device, "train.device", ("auto", "cpu", "cuda"))
-    _one_of(p.strategy, "parallel.strategy", ("none", "ddp", "fsdp", "deepspeed"))
-    _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"{p.zero_stage} is not 1, 2 or 3")
-    _require(p.activation_checkpointing >= 0, "parallel.activation_checkpointing", "must be >= 0")
-    _one_of(p.backend, "parallel.backend", ("auto", "nccl", "gloo"))
+    validate_parallel(p)
     for key, s in (("student", cfg.student.std), ("teacher_feature", cfg.teacher_feature.std)):
         _require(len(s) == 3 and all(v > 0 for v in s), f"{key}.std", "needs three positive values")
     if d.objective == "hybrid":

@@ -2,7 +2,7 @@
 
     python -m pipeline.finetune preset=vit_base_in1k init.run=runs/hd_vit_base     # the paper's IN-1K protocol
     python -m pipeline.finetune preset=fmnist_demo                                  # the CPU demo
-    torchrun --nproc-per-node 8 -m pipeline.finetune preset=vit_large_in1k init.run=... parallel.strategy=ddp
+    torchrun --nproc-per-node 8 -m pipeline.finetune preset=vit_large_in1k init.run=... parallel=deepspeed
     python -m pipeline.finetune preset=vit_base_in1k model.arch=vit_small_patch16_224 \
         '++model.model_kwargs={patch_size: 8}'    # random-init baseline; ++ adds keys to an empty dict
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from pipeline.config import CONF_DIR, ConfigError, ParallelConfig
+from pipeline.config import CONF_DIR, ConfigError, ParallelConfig, validate_parallel
 from pipeline.data.loader import DataConfig
 
 log = logging.getLogger("pipeline.finetune")
@@ -200,11 +200,7 @@ def validate(cfg: FinetuneConfig, check_files: bool = True) -> None:
         "train.log_every",
         "log_every, ckpt_every, keep_last >= 1",
     )
-    _require(
-        cfg.parallel.strategy in ("none", "ddp", "fsdp"),
-        "parallel.strategy",
-        "fine-tuning supports none | ddp | fsdp (DeepSpeed owns its optimizer, which layer decay needs)",
-    )
+    validate_parallel(cfg.parallel)
     if check_files:
         for key, path in (
             ("data.train_shards", cfg.data.train_shards),
@@ -230,7 +226,9 @@ def load_config(overrides: list[str] | None = None, check_files: bool = True) ->
         raise ConfigError(f"preset: no conf/finetune/{preset}.yaml (known: {', '.join(known)})")
     try:
         with initialize_config_dir(config_dir=str(FT_CONF_DIR), version_base="1.3"):
-            cfg = OmegaConf.to_object(compose(config_name=preset, overrides=rest))
+            # conf/ on the search path: the presets take their `parallel` group from the pretraining tree
+            search = f"hydra.searchpath=[file://{CONF_DIR}]"
+            cfg = OmegaConf.to_object(compose(config_name=preset, overrides=[search, *rest]))
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
         raise ConfigError(" ".join(lines[:2])) from None  # Hydra's second line names the key and the schema

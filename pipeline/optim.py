@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -41,5 +42,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.base_lr, betas=tuple(cfg.betas))
+ParamGroups = Callable[[nn.Module], list[dict]]
+"""Builds AdamW parameter groups from a model; a group may carry an "lr_scale" (Parallel.set_lr applies it)."""
+
+
+def build_adamw(model: nn.Module, cfg: OptimConfig, groups: ParamGroups | None = None) -> torch.optim.AdamW:
+    """AdamW over ``groups(model)``, by default ``param_groups`` (decay on matrices only)."""
+    built = groups(model) if groups is not None else param_groups(model, cfg.weight_decay)
+    return torch.optim.AdamW(built, lr=cfg.base_lr, betas=tuple(cfg.betas))

@@ -3,8 +3,8 @@
 Like the pretraining loop it is step-based, resumes from the last complete checkpoint in its run directory
 (model, optimizer, loader position, torch/python/numpy RNG states), and keeps the model inside pipeline.parallel.
 What differs is the optimizer: layer-wise lr decay needs one AdamW group per (layer, decay) with an
-``lr_scale``, so the groups are rebuilt on the parallelised model and every step sets lr x lr_scale per group.
-That works for the strategies whose optimizer is a plain torch one (none, ddp, fsdp), not for DeepSpeed.
+``lr_scale``; parallelize() builds those groups where each strategy builds its optimizer (on FSDP2's sharded
+parameters, inside DeepSpeed's ZeRO optimizer), and every step sets lr x lr_scale per group.
 """
 
 from __future__ import annotations
@@ -153,15 +153,24 @@ def build(cfg: FinetuneConfig, info: DistInfo, device: torch.device, dtype: torc
     )
     accum, global_batch, total, warmup = schedule(cfg, loader.shard_set.num_samples, info.world_size)
     peak = cfg.optim.blr * global_batch / 256
-    shim = RootConfig(  # what parallelize reads: the strategy, and an optimizer that is replaced below
+    o = cfg.optim
+    shim = RootConfig(  # what parallelize reads (DeepSpeed's JSON too: micro-batch, accumulation, clipping)
         parallel=cfg.parallel,
-        optim=OptimConfig(base_lr=peak, weight_decay=cfg.optim.weight_decay, betas=list(cfg.optim.betas)),
+        data=data,
+        optim=OptimConfig(
+            base_lr=peak,
+            weight_decay=o.weight_decay,
+            betas=list(o.betas),
+            clip_grad=o.clip_grad,
+            accum_steps=accum,
+        ),
         train=TrainConfig(dtype=cfg.train.dtype, device=cfg.train.device),
     )
-    par = parallelize(model, shim, device, dtype, info)
-    # Layer decay: groups rebuilt on the (possibly sharded) parameters, after wrapping.
-    groups = layer_decay_groups(par.plain.vit, cfg.optim.weight_decay, cfg.optim.layer_decay)
-    par.optimizer = torch.optim.AdamW(groups, lr=peak, betas=tuple(cfg.optim.betas))
+
+    def groups(model: torch.nn.Module) -> list[dict]:  # on the parameters as the strategy holds them
+        return layer_decay_groups(model.vit, o.weight_decay, o.layer_decay)
+
+    par = parallelize(model, shim, device, dtype, info, groups)
     augment = Augment(cfg.aug, mean, std, classes, device)
     log.info(
         f"fine-tune {arch} {kwargs or ''} from {weights or 'random init'} | {classes} classes | {total} steps "
@@ -232,8 +241,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     par.plain.train()
     while step < s.total:
         lr = lr_at(step, s.total, s.peak_lr, s.warmup, cfg.optim.min_lr)
-        for g in par.optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+        par.set_lr(lr)
         sums = {"loss": 0.0, "train_acc": 0.0}
         for _ in range(s.accum):
             if first is not None:

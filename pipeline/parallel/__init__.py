@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.config import RootConfig
+from pipeline.optim import ParamGroups
 from pipeline.parallel.base import Parallel
 from pipeline.parallel.dist import DistInfo
 
@@ -20,8 +21,15 @@ def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
 
 
 def parallelize(
-    model: nn.Module, cfg: RootConfig, device: torch.device, dtype: torch.dtype, info: DistInfo
+    model: nn.Module,
+    cfg: RootConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    info: DistInfo,
+    groups: ParamGroups | None = None,
 ) -> Parallel:
+    """Wrap ``model`` for ``cfg.parallel``; the optimizer is AdamW over ``groups(model)`` (default: decay on matrices
+    only), built on the parameters as the strategy holds them (FSDP2: sharded; DeepSpeed: before the engine)."""
     p = cfg.parallel
     apply_activation_checkpointing(model, p.activation_checkpointing)
     if p.compile and device.type == "cuda":
@@ -30,15 +38,16 @@ def parallelize(
     if p.strategy in ("none", "ddp"):
         from pipeline.parallel.simple import Replicated
 
-        par = Replicated(model, cfg.optim, device, dtype, ddp=p.strategy == "ddp" and info.world_size > 1)
+        ddp = p.strategy == "ddp" and info.world_size > 1
+        par = Replicated(model, cfg.optim, device, dtype, ddp=ddp, groups=groups)
     elif p.strategy == "fsdp":
         from pipeline.parallel.fsdp import FSDP2
 
-        par = FSDP2(model, cfg, device, dtype, info)
+        par = FSDP2(model, cfg, device, dtype, info, groups)
     else:
         from pipeline.parallel.deepspeed_engine import DeepSpeedZero
 
-        par = DeepSpeedZero(model, cfg, device, dtype, info)
+        par = DeepSpeedZero(model, cfg, device, dtype, info, groups)
     par.description = (
         f"strategy={p.strategy}"
         + (f" zero_stage={p.zero_stage}" if p.strategy == "deepspeed" else "")

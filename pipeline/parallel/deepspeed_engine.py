@@ -30,7 +30,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from pipeline.config import RootConfig
-from pipeline.optim import build_adamw
+from pipeline.optim import ParamGroups, build_adamw
 from pipeline.parallel.base import Parallel
 from pipeline.parallel.dist import DistInfo
 from pipeline.parallel.ds_config import build_ds_config
@@ -44,7 +44,13 @@ UNIVERSAL = "zero_universal"  # <step dir>/zero_universal/{latest_universal, zer
 
 class DeepSpeedZero(Parallel):
     def __init__(
-        self, model: nn.Module, cfg: RootConfig, device: torch.device, dtype: torch.dtype, info: DistInfo
+        self,
+        model: nn.Module,
+        cfg: RootConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        info: DistInfo,
+        groups: ParamGroups | None = None,
     ):
         import deepspeed  # heavy: only when this strategy is chosen
 
@@ -63,7 +69,10 @@ class DeepSpeedZero(Parallel):
         self.config = build_ds_config(cfg, dtype, num_params, block_params)
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_adamw(model, cfg.optim), config=self.config, dist_init_required=False
+            model=model,
+            optimizer=build_adamw(model, cfg.optim, groups),
+            config=self.config,
+            dist_init_required=False,
         )
         # Under bf16 the engine casts the whole student, buffers included; the student's normalisation constants
         # (mean/std x 255) must stay fp32, as under the other strategies, or every input shifts by rounding.

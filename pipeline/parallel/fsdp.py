@@ -28,7 +28,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from pipeline.config import RootConfig
-from pipeline.optim import build_adamw
+from pipeline.optim import ParamGroups, build_adamw
 from pipeline.parallel.base import Parallel, autocast_unless_fp32
 from pipeline.parallel.dist import DistInfo
 from pipeline.parallel.single import ensure_process_group
@@ -38,7 +38,13 @@ DCP_DIR = "dcp"  # inside the trainer's step directory
 
 class FSDP2(Parallel):
     def __init__(
-        self, model: nn.Module, cfg: RootConfig, device: torch.device, dtype: torch.dtype, info: DistInfo
+        self,
+        model: nn.Module,
+        cfg: RootConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        info: DistInfo,
+        groups: ParamGroups | None = None,
     ):
         ensure_process_group(cfg.parallel.backend, device)
         mesh = init_device_mesh(device.type, (torch_dist.get_world_size(),))
@@ -46,15 +52,13 @@ class FSDP2(Parallel):
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         reshard = cfg.parallel.reshard_after_forward
         model.to(device)  # identical init on every rank (same seed): each rank keeps its own slice
-        for (
-            blk
-        ) in model.vit.blocks:  # called as modules (blk(x)), so the unshard hooks and attention taps fire
+        # Blocks are called as modules (blk(x)), so the unshard hooks and attention taps fire.
+        for blk in model.vit.blocks:
             fully_shard(blk, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
         self.model = self.plain = model
-        self.optimizer = build_adamw(
-            model, cfg.optim
-        )  # on the DTensor shards: optimizer state is sharded too
+        # On the DTensor shards: optimizer state is sharded too.
+        self.optimizer = build_adamw(model, cfg.optim, groups)
         self.device, self.dtype = device, dtype
 
     def forward_context(self) -> contextlib.AbstractContextManager:

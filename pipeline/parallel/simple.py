@@ -9,19 +9,28 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.optim import build_adamw
+from pipeline.config import OptimConfig
+from pipeline.optim import ParamGroups, build_adamw
 from pipeline.parallel.base import Parallel, autocast_unless_fp32
 
 
 class Replicated(Parallel):
-    def __init__(self, model: nn.Module, optim_cfg, device: torch.device, dtype: torch.dtype, ddp: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        optim_cfg: OptimConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        ddp: bool,
+        groups: ParamGroups | None = None,
+    ):
         self.plain = model.to(device)
         self.model = (
             DistributedDataParallel(self.plain, device_ids=[device.index] if device.type == "cuda" else None)
             if ddp
             else self.plain
         )
-        self.optimizer = build_adamw(self.plain, optim_cfg)
+        self.optimizer = build_adamw(self.plain, optim_cfg, groups)
         self.device, self.dtype = device, dtype
 
     def forward_context(self) -> contextlib.AbstractContextManager:
