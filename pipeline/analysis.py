@@ -62,6 +62,11 @@ def plot_per_head(values: Mapping[str, np.ndarray], path: str | Path, ylabel: st
     axes[0][0].set_ylabel(ylabel)
     axes[0][0].legend(loc="best", fontsize=8)
     fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close ``fig``."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,12 +104,7 @@ def plot_training_curves(metrics: Mapping[str, str | Path], path: str | Path) ->
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _cell(v: Any) -> str:

@@ -7,9 +7,11 @@ code sees only typed dataclasses. Everything the paper leaves open is a field he
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -274,6 +276,18 @@ def _require(cond: bool, key: str, msg: str) -> None:
 
 def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+T = TypeVar("T")
+
+
+def config_or_none(load: Callable[[list[str]], T], argv: list[str]) -> T | None:
+    """``load(argv)``, or None after printing the ConfigError (a command line's main then exits 2)."""
+    try:
+        return load(argv)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return None
 
 
 def validate_parallel(p: ParallelConfig) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from pipeline.config import CONF_DIR, ConfigError, ParallelConfig, validate_parallel
+from pipeline.config import CONF_DIR, ConfigError, ParallelConfig, config_or_none, validate_parallel
 from pipeline.data.loader import DataConfig
 
 log = logging.getLogger("pipeline.finetune")
@@ -239,11 +239,8 @@ def load_config(overrides: list[str] | None = None, check_files: bool = True) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = load_config(argv)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    cfg = config_or_none(load_config, sys.argv[1:] if argv is None else argv)
+    if cfg is None:
         return 2
     from pipeline.eval.finetune_loop import run
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.checkpoint import Checkpointer, rng_state, set_rng_state
-from pipeline.config import ConfigError, RootConfig, load_config, to_yaml
+from pipeline.config import ConfigError, RootConfig, config_or_none, load_config, to_yaml
 from pipeline.data.loader import ShardLoader
 from pipeline.distill import build, resolve_dtype
 from pipeline.metrics import MetricLogger
@@ -185,11 +185,8 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = load_config(argv)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    cfg = config_or_none(load_config, sys.argv[1:] if argv is None else argv)
+    if cfg is None:
         return 2
     run(cfg)
     return 0
