@@ -30,8 +30,20 @@ class Stage:
 
 FINETUNED = ("teacher_supervised", "teacher_mae", "hybrid", "feature_only", "relation_only")
 
+# `--ablations`: conf/experiment/<name>.yaml, each the demo's hybrid student with one choice changed.
+ABLATIONS = {
+    "ablate_relation_early": "hybrid, relation loss at block 1 only (default: blocks 1-3 of 4)",
+    "ablate_relation_last": "hybrid, relation loss at the last block only",
+    "ablate_relation_all": "hybrid, relation loss at all 4 blocks",
+    "ablate_mask_off": "hybrid, no token dropping (default: 0 -> 50 %)",
+    "ablate_mask_random": "hybrid, random token scores (default: teacher [CLS] attention)",
+    "ablate_mask_sample": "hybrid, tokens sampled by score (default: top-k)",
+}
 
-def stages(root: Path, steps: int, ft_steps: int, limit: int | None, extra: list[str]) -> list[Stage]:
+
+def stages(
+    root: Path, steps: int, ft_steps: int, limit: int | None, extra: list[str], ablations: bool = False
+) -> list[Stage]:
     """Every path is under root, so a second demo (the tests' small one) never touches runs/demo."""
     data = [f"data.train_shards={root / 'shards/train'}", f"data.val_shards={root / 'shards/test'}"]
     common = [f"train.steps={steps}", *data, *extra]
@@ -61,6 +73,7 @@ def stages(root: Path, steps: int, ft_steps: int, limit: int | None, extra: list
         train("feature_only", [*hybrid, "distill.beta=0"]),
         train("relation_only", [*hybrid, "distill.alpha=0"]),
         *(finetune(name) for name in FINETUNED if ft_steps > 0),
+        *(train(name, [*hybrid, f"experiment={name}"]) for name in ABLATIONS if ablations),
     ]
 
 
@@ -110,12 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--limit", type=int, default=0, help="convert only the first N images of each split (tests)"
     )
+    ap.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also train and evaluate the hybrid student's ablations (conf/experiment/ablate_*.yaml)",
+    )
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training stage")
     args = ap.parse_args(argv)
     if not FASHION.exists():
         raise SystemExit(f"[demo] {FASHION} is missing: install the Debian package dataset-fashion-mnist")
     t_start = time.perf_counter()
-    plan = stages(args.root, args.steps, args.finetune_steps, args.limit or None, args.overrides)
+    plan = stages(
+        args.root, args.steps, args.finetune_steps, args.limit or None, args.overrides, args.ablations
+    )
     for stage in plan:
         run_stage(stage)
     from pipeline.demo_report import evaluate_all, write_demo_report

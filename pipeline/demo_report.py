@@ -17,6 +17,7 @@ from pipeline.analysis import (
     write_report,
 )
 from pipeline.data.loader import DataConfig, ShardLoader
+from pipeline.demo import ABLATIONS
 from pipeline.eval.encoder import Encoder, load_encoder, read_run_config
 from pipeline.eval.probes import knn_accuracy, linear_probe
 from pipeline.evaluate import extract_features
@@ -52,10 +53,8 @@ def evaluate_all(root: Path, plan: list, knn_train: int) -> list[dict[str, Any]]
     """k-NN (k=20, T=0.07) and a linear probe on frozen features: knn_train train images vs the full test split."""
     walls = {s.name: s.result.get("wall_s") for s in plan}
     rows = []
-    encoders = [(name, label, None) for name, label in MODELS] + [
-        ("random_init", "untrained network (random init)", None)
-    ]
-    for name, label, _ in encoders:
+    ablations = [(s.name, ABLATIONS[s.name]) for s in plan if s.name in ABLATIONS]
+    for name, label in [*MODELS, *ablations, ("random_init", "untrained network (random init)")]:
         t0 = time.perf_counter()
         encoder = random_encoder(root) if name == "random_init" else load_encoder(root / name)
         train_f, train_y = features(
@@ -123,7 +122,12 @@ def write_demo_report(root: Path, plan: list, rows: list[dict], args, total_s: f
         [
             f"Real data: Fashion-MNIST (Debian dataset-fashion-mnist), {n_train} train / {n_test} test images, "
             f"10 classes, {img_size} px images.",
-            f"Every training stage ran {args.steps} optimizer steps on CPU in fp32; the three students share one budget.",
+            f"Every training stage ran {args.steps} optimizer steps on CPU in fp32; the students share one budget"
+            + (
+                " (ablations: conf/experiment/ablate_*.yaml, one choice changed each)."
+                if args.ablations
+                else "."
+            ),
             f"k-NN: k=20, T=0.07, cosine, memory bank of the first {args.knn_train} train images (eval transform),",
             f"evaluated on all {n_test} test images; linear probe: BatchNorm (no affine) + Linear, 30 epochs, same features.",
             "Features: mean of the last-layer patch tokens after the final norm. Fine-tune: conf/finetune/fmnist_demo.yaml"

@@ -87,3 +87,30 @@ def test_demo_refuses_missing_dataset(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "FASHION", Path(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="dataset-fashion-mnist"):
         demo.main(["--root", str(tmp_path / "d")])
+
+
+def test_ablation_stages_change_one_choice_of_the_hybrid_student(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.demo import ABLATIONS, stages
+
+    plan = {s.name: s for s in stages(tmp_path, 600, 0, None, [], ablations=True)}
+    assert set(ABLATIONS) <= set(plan) and "ablate_mask_off" not in {
+        s.name for s in stages(tmp_path, 1, 0, None, [])
+    }
+    base = load_config(plan["hybrid"].overrides, check_files=False)
+    changed = {}
+    for name in ABLATIONS:
+        cfg = load_config(plan[name].overrides, check_files=False)
+        assert cfg.run_dir == str(tmp_path / name) and cfg.train.steps == base.train.steps == 600
+        assert cfg.teacher_feature == base.teacher_feature and cfg.teacher_relation == base.teacher_relation
+        changed[name] = [
+            k for k in ("relation_layers", "mask") if getattr(cfg.distill, k) != getattr(base.distill, k)
+        ]
+    assert changed == {
+        "ablate_relation_early": ["relation_layers"],
+        "ablate_relation_last": ["relation_layers"],
+        "ablate_relation_all": ["relation_layers"],
+        "ablate_mask_off": ["mask"],
+        "ablate_mask_random": ["mask"],
+        "ablate_mask_sample": ["mask"],
+    }
