@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from pipeline.eval.randaugment import OPS, RandAugment, apply_op
 from pipeline.eval.recipe import Augment, build_model, layer_decay_groups, topk_correct
 from pipeline.evaluate import main as evaluate_main
 from pipeline.finetune import AugmentConfig, load_config
+from shards.manifest import read_manifest
 from tests.helpers import TINY, random_vit, uint8_images
 from tests.test_evaluate import fmnist_shards, write_run
 
@@ -277,10 +279,17 @@ def two_rank_finetune(run_dir: Path, shards, init_run, *strategy: str) -> dict:
     cfg_args += ["data.num_workers=0", "train.threads=1", "train.steps=6", *strategy]
     cfg_args += ["parallel.backend=gloo", "optim.batch_size=128", "aug.mixup=0.8", "aug.cutmix=1.0"]
     run_dir.mkdir(parents=True)
-    mp.spawn(_rank_worker, args=(_free_port(), cfg_args, str(run_dir)), nprocs=2, join=True)
+    ranks = mp.spawn(_rank_worker, args=(_free_port(), cfg_args, str(run_dir)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not ranks.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for proc in ranks.processes:
+                proc.kill()
+            pytest.fail("the ranks hang (a collective that one rank skipped?)")
     r0, r1 = (json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1  # all-reduced accuracy, identical replicas
-    assert r0["val_samples"] == 500 and r0["global_batch"] == 128  # each val sample counted once over ranks
+    val = read_manifest(shards[1])["num_samples"]
+    assert r0["val_samples"] == val and r0["global_batch"] == 128  # each val sample counted once over ranks
     return r0
 
 
@@ -315,3 +324,11 @@ def test_two_ranks_match_ddp(tmp_path: Path, shards, init_run, ddp_run: Path, st
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_a_rank_with_only_padding_in_its_last_val_batch_does_not_hang(tmp_path: Path, init_run) -> None:
+    """129 val images, eval batch 64 per rank: rank 0 reads 65 (2 batches), rank 1 64 (its 2nd batch all padding).
+    Under FSDP2 every forward is a collective, so evaluation must not skip rank 1's padding batch."""
+    shards = fmnist_shards(tmp_path / "data", 256, 129)
+    two_rank_finetune(tmp_path / "run", shards, init_run, "parallel.strategy=fsdp", "train.steps=2")

@@ -110,13 +110,14 @@ def evaluate(
     model.eval()
     counts = [0.0, 0.0, 0.0]  # correct@1, correct@5, samples
     for batch in loader:
-        keep = batch["valid"]
-        images, labels = batch["images"][keep].to(device), batch["labels"][keep].to(device)
-        if len(labels):
-            with par.forward_context():
-                logits = model(normalize(images)).float()  # [b, C]
-            c1, c5 = topk_correct(logits, labels)
-            counts = [counts[0] + c1, counts[1] + c5, counts[2] + len(labels)]
+        # The whole batch goes through the model, padding rows too: under FSDP2 / ZeRO-3 every forward is a
+        # collective, and a rank whose batch is all padding would otherwise skip one and hang the others.
+        keep = batch["valid"].to(device)
+        with par.forward_context():
+            logits = model(normalize(batch["images"].to(device))).float()[keep]  # [b, C]
+        labels = batch["labels"].to(device)[keep]
+        c1, c5 = topk_correct(logits, labels)
+        counts = [counts[0] + c1, counts[1] + c5, counts[2] + len(labels)]
     model.train()
     c1, c5, n = _sum_all(counts)
     return {"val_top1": 100.0 * c1 / n, "val_top5": 100.0 * c5 / n, "val_samples": int(n)}
