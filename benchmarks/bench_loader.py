@@ -3,15 +3,16 @@
     PYTHONPATH=. python benchmarks/bench_loader.py --work /tmp/bench_loader --num-images 2000 --workers 2 --out bench.json
 
 Measures images/s of
-  (a) shards   ShardLoader (pipeline.data) over WebDataset shards of the folder,
+  (a) shards   ShardLoader (pipeline.data) over WebDataset shards of the folder, with each data.reader
+               (indexed: random reads of single images; webdataset: one sequential pass per segment),
   (b) folder   torchvision ImageFolder + DataLoader, same workers, same transforms on uint8 tensors (v2),
   (c) limit    the loader's own decode+augment function over the same bytes held in memory: once in one
                process (x workers = the ideal) and once in a multiprocessing Pool of `workers` processes
                (what this machine really sustains), with no file reading, batching or IPC.
-Targets: (a) >= 1.0x (b) and >= 0.9x the Pool limit. Without --images, an ImageNet-like folder is generated
-(typical ImageNet sizes such as 500x375, JPEG quality 90, from random crops of scikit-image's real photos with
-mild sensor-like noise so that file sizes and decode cost resemble ImageNet's ~110 KB). Shards come from
-`python -m shards.convert` when it exists, else are written here in the documented format.
+Targets: (a, indexed) >= 1.0x (b) and >= 0.9x the Pool limit. Without --images, an ImageNet-like folder is
+generated (typical ImageNet sizes such as 500x375, JPEG quality 90, from random crops of scikit-image's real
+photos with mild sensor-like noise so that file sizes and decode cost resemble ImageNet's ~110 KB). Shards come
+from `python -m shards.convert` when it exists, else are written here in the documented format.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def time_batches(batches, warmup: int, per_span: int, spans: int) -> list[float]
     return rates
 
 
-def bench_shards(shard_dir: Path, args: argparse.Namespace) -> list[float]:
+def bench_shards(shard_dir: Path, args: argparse.Namespace, reader: str) -> list[float]:
     # no pinning: the ImageFolder baseline does not pin either, and on CUDA machines it costs a host copy
     cfg = DataConfig(
         img_size=args.img_size,
@@ -164,6 +165,7 @@ def bench_shards(shard_dir: Path, args: argparse.Namespace) -> list[float]:
         num_workers=args.workers,
         mode="resampled",
         pin_memory=False,
+        reader=reader,
     )
     loader = ShardLoader(cfg, shard_dir)
     return time_batches(loader, 2 * args.workers, args.per_span, args.spans)
@@ -257,10 +259,12 @@ def main() -> None:
     args.per_span = max(1, len(files) // args.batch_size)  # one span ~ one pass over the images
 
     single, pool = bench_limit(folder, args)
-    shards = statistics.median(bench_shards(shard_dir, args))
+    shards = statistics.median(bench_shards(shard_dir, args, "indexed"))
+    streamed = statistics.median(bench_shards(shard_dir, args, "webdataset"))
     folder_rate = statistics.median(bench_folder(folder, args))
     rows = [
-        ("shards (ShardLoader)", shards),
+        ("shards (ShardLoader, indexed)", shards),
+        ("shards, data.reader=webdataset", streamed),
         ("folder (ImageFolder+DataLoader)", folder_rate),
         (f"limit: Pool({args.workers}) in memory", pool),
         (f"limit: 1 process x {args.workers}", single * args.workers),
@@ -284,6 +288,7 @@ def main() -> None:
         "torch": torch.__version__,
         "images_per_s": {
             "shards": shards,
+            "shards_webdataset": streamed,
             "folder": folder_rate,
             "limit_pool": pool,
             "limit_single_x_workers": single * args.workers,

@@ -38,6 +38,7 @@ from pipeline.data.stream import BatchStream, StreamSpec
 log = logging.getLogger(__name__)
 
 MODES = ("resampled", "epoch")
+READERS = ("indexed", "webdataset")
 MAX_LOGGED_BAD = 10  # per rank; later bad samples are counted in stats() only
 STATE_VERSION = 1
 
@@ -76,6 +77,10 @@ class DataConfig:
     """Batches each worker prepares ahead (ignored when num_workers is 0)."""
     pin_memory: bool = True
     """Pin batches for faster host-to-GPU copies; applies only when CUDA is available."""
+    reader: str = "indexed"
+    """Shard reader, same batches either way: "indexed" (random reads of single images; local disks, page
+    cache, parallel file systems) or "webdataset" (one sequential pass per segment, images held in memory;
+    file systems without client caching, where many small random reads are slow)."""
 
     def __post_init__(self) -> None:
         # Hydra/OmegaConf hand tuples over as lists
@@ -83,6 +88,7 @@ class DataConfig:
         self.crop_ratio = tuple(float(x) for x in self.crop_ratio)
         checks = [
             (self.mode in MODES, "data.mode", f"must be one of {MODES}, got {self.mode!r}"),
+            (self.reader in READERS, "data.reader", f"must be one of {READERS}, got {self.reader!r}"),
             (self.img_size > 0, "data.img_size", f"must be positive, got {self.img_size}"),
             (
                 0 < self.eval_crop_fraction <= 1,
@@ -151,6 +157,7 @@ class ShardLoader:
             seed=cfg.seed,
             train=train,
             resampled=self.mode == "resampled",
+            reader=cfg.reader,
         )
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batch], read by workers
         self._loader = DataLoader(

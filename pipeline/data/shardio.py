@@ -10,23 +10,33 @@ indexing). The price: image reads are random inside one shard, which page cache,
 file systems serve well at ~100 KB each, but a file system without client caching serves worse than one
 sequential read.
 
-Why not tarfile or webdataset's tariterators: webdataset streams every byte, and tarfile's per-member objects
-(TarInfo, a buffered ExFileObject per extract) cost more than the whole of this. The reader handles what
-Python's tarfile and webdataset's writers produce: ustar headers, pax extended headers (long or non-ASCII
-paths) and GNU long names; it verifies header checksums and sizes, so a damaged or truncated shard ends the
-index with a reason instead of yielding garbage.
+Why not tarfile or webdataset's tariterators by default: webdataset streams every byte, and tarfile's
+per-member objects (TarInfo, a buffered ExFileObject per extract) cost more than the whole of this. The reader
+handles what Python's tarfile and webdataset's writers produce: ustar headers, pax extended headers (long or
+non-ASCII paths) and GNU long names; it verifies header checksums and sizes, so a damaged or truncated shard
+ends the index with a reason instead of yielding garbage.
+
+`stream_samples` is the other reader (data.reader=webdataset), for file systems that serve many small random
+reads badly: it reads the segment's samples in one sequential pass through webdataset's tar iterator and holds
+their image bytes in memory. Both readers group members into samples with the same code, and a damaged shard
+gets the indexed reader's verdict, so they yield the same samples and report damage identically.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO, TypeVar
+
+from webdataset.tariterators import tar_file_iterator
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"})
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 REGULAR = (b"0", b"\0", b"7")  # typeflags of regular files
+M = TypeVar("M")  # what a reader knows of a member: (offset, size) when indexed, its bytes when streamed
 
 
 class TarDamaged(Exception):
@@ -35,13 +45,19 @@ class TarDamaged(Exception):
 
 @dataclass
 class SampleRef:
-    """Where one sample's image lies in its shard; `error` is set when its tar entries are unusable."""
+    """Where one sample's image lies in its shard (or its bytes, when streamed); `error` is set when its tar
+    entries are unusable."""
 
     key: str
     offset: int = -1  # byte offset of the image data in the shard, -1 if there is no image member
     size: int = 0
     label: int | None = None
     error: str | None = None
+    data: bytes | None = None  # the image bytes, read by stream_samples (offset stays -1)
+
+    @property
+    def has_image(self) -> bool:
+        return self.offset >= 0 or self.data is not None
 
 
 def _number(field: bytes) -> int:
@@ -108,42 +124,52 @@ def _read(fd: int, offset: int, size: int) -> bytearray:
     return buf
 
 
-def _add_member(sample: SampleRef, fd: int, ext: str, offset: int, size: int) -> None:
-    if ext == "cls":
-        text = bytes(_read(fd, offset, size)).strip()
-        if not text.isdigit():
-            sample.error = f"bad .cls content {text[:20]!r}"
-        else:
-            sample.label = int(text)
-    elif ext in IMAGE_EXTS and sample.offset < 0:
-        sample.offset, sample.size = offset, size
-    # other extensions (metadata a future converter may add) are skipped without reading
+def _sample_key(name: str) -> tuple[str, str]:
+    """(key, lower-case extension) of a member: its base name up to the first dot (WebDataset convention)."""
+    key, _, ext = name.rpartition("/")[2].partition(".")
+    return key, ext.lower()
+
+
+def _set_label(sample: SampleRef, payload: bytes) -> None:
+    text = payload.strip()
+    if not text.isdigit():
+        sample.error = f"bad .cls content {text[:20]!r}"
+    else:
+        sample.label = int(text)
 
 
 def _finish(sample: SampleRef) -> SampleRef:
-    if sample.error is None and sample.offset < 0:
+    if sample.error is None and not sample.has_image:
         sample.error = "no image member"
     elif sample.error is None and sample.label is None:
         sample.error = "no .cls member"
     return sample
 
 
-def _collect(fd: int, lo: int, hi: int, out: list[SampleRef]) -> None:
-    index, key_now = -1, None  # sample index in the shard, and its key
-    current: SampleRef | None = None  # the sample being indexed, when its index is inside [lo, hi)
-    for name, offset, size in _members(fd):
-        key, _, ext = name.rpartition("/")[2].partition(".")
+def _collect(
+    members: Iterable[tuple[str, M]],
+    lo: int,
+    hi: int,
+    add: Callable[[SampleRef, str, M], None],
+    out: list[SampleRef],
+) -> bool:
+    """Append samples lo..hi-1 of `members` ((name, member), file order) to `out`; True if hi was reached."""
+    index, key_now = -1, None  # sample index in `members`, and its key
+    current: SampleRef | None = None  # the sample being collected, when its index is inside [lo, hi)
+    for name, member in members:
+        key, ext = _sample_key(name)
         if key != key_now:  # members of one sample are adjacent (WebDataset convention)
             if current is not None:
                 out.append(_finish(current))
             index, key_now = index + 1, key
             if index >= hi:
-                return
+                return True
             current = SampleRef(key) if index >= lo else None
         if current is not None:
-            _add_member(current, fd, ext.lower(), offset, size)
+            add(current, ext, member)
     if current is not None:
         out.append(_finish(current))
+    return False
 
 
 def index_samples(fd: int, lo: int, hi: int) -> tuple[list[SampleRef], str | None]:
@@ -153,11 +179,73 @@ def index_samples(fd: int, lo: int, hi: int) -> tuple[list[SampleRef], str | Non
     indexed when it broke is dropped, since its members may be missing) and the caller reports the rest as
     missing.
     """
+
+    def add(sample: SampleRef, ext: str, where: tuple[int, int]) -> None:
+        if ext == "cls":
+            _set_label(sample, bytes(_read(fd, *where)))
+        elif ext in IMAGE_EXTS and not sample.has_image:
+            sample.offset, sample.size = where
+        # other extensions (metadata a future converter may add) are skipped without reading
+
     out: list[SampleRef] = []
     try:
-        _collect(fd, lo, hi, out)
+        _collect(((name, (offset, size)) for name, offset, size in _members(fd)), lo, hi, add, out)
     except (TarDamaged, OSError, UnicodeDecodeError, ValueError) as e:
         return out, f"{type(e).__name__}: {e}"
     if len(out) < hi - lo:
         return out, f"archive ended after {lo + len(out)} samples, manifest says at least {hi}"
     return out, None
+
+
+class _SkipSamples:
+    """select_files for webdataset's tar_file_iterator: False for the members of the first `count` samples,
+    so their data is streamed over but never copied."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.index, self.key = count, -1, None
+
+    def __call__(self, name: str) -> bool:
+        key, _ = _sample_key(name)
+        if key != self.key:
+            self.index, self.key = self.index + 1, key
+        return self.index >= self.count
+
+
+def _add_streamed(sample: SampleRef, ext: str, data: bytes) -> None:
+    if ext == "cls":
+        _set_label(sample, data)
+    elif ext in IMAGE_EXTS and not sample.has_image:
+        sample.data, sample.size = data, len(data)
+
+
+def _ends_with_marker(fd: int) -> bool:
+    # Python's tarfile, webdataset's TarWriter and GNU tar end an archive with two zero blocks (then padding)
+    size = os.fstat(fd).st_size
+    return size >= 2 * BLOCK and os.pread(fd, 2 * BLOCK, size - 2 * BLOCK) == bytes(2 * BLOCK)
+
+
+def stream_samples(file: BinaryIO, lo: int, hi: int) -> tuple[list[SampleRef], str | None]:
+    """Samples lo..hi-1 of the shard open as `file` (positioned at its start), read in one sequential pass
+    through webdataset's tar iterator with their image bytes in `data`; same contract as index_samples.
+
+    Reading stops once the first member of sample hi is read (so that its size is checked, as the indexed
+    reader checks it). tarfile in stream mode treats a missing, cut or invalid header as the end of the
+    archive, so any end other than a clean one (sample hi reached, or all samples read and the end marker
+    present) is judged by index_samples: the samples it finds intact are kept, with its reason. Its header
+    walk costs random reads, but only on a damaged shard.
+    """
+    out: list[SampleRef] = []
+    failed = None
+    members = tar_file_iterator(file, select_files=_SkipSamples(lo))
+    try:
+        reached = _collect(((m["fname"], m["data"]) for m in members), 0, hi - lo, _add_streamed, out)
+        if reached or (len(out) == hi - lo and _ends_with_marker(file.fileno())):
+            return out, None
+    except (tarfile.TarError, OSError, UnicodeDecodeError, ValueError) as e:
+        failed = f"{type(e).__name__}: {e}"
+    finally:
+        members.close()
+    refs, why = index_samples(file.fileno(), lo, hi)
+    if len(out) < len(refs):  # tarfile gave up on something the indexed reader reads: its own reason
+        return out, failed or f"tar iterator ended after {lo + len(out)} samples, manifest says {hi}"
+    return out[: len(refs)], why

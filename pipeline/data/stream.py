@@ -19,20 +19,20 @@ Row conventions inside a batch ([B] per field, B fixed):
 from __future__ import annotations
 
 import bisect
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import plan
-from pipeline.data.shardio import SampleRef, index_samples, read_image
+from pipeline.data.shardio import SampleRef, index_samples, read_image, stream_samples
 from pipeline.data.transforms import decode_rgb, eval_transform, train_transform
 
 MAX_BAD_EXAMPLES = 4  # per batch: enough to name a shard in an error, not enough to bloat the queue
+STREAM_BUFFER = 4 << 20  # read size of the webdataset reader: few, large sequential reads
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class StreamSpec:
     seed: int
     train: bool  # True: shuffled + RandomResizedCrop/flip; False: manifest order + resize/centre-crop
     resampled: bool  # True: epochs follow each other forever; False: one epoch per iterator
+    reader: str  # "indexed" (shardio.index_samples) or "webdataset" (shardio.stream_samples)
 
     @property
     def batches_per_slot(self) -> int:
@@ -60,7 +61,7 @@ class StreamSpec:
 
 
 class SlotEpoch:
-    """One slot's read sequence for one epoch: position -> sample, indexing one segment at a time."""
+    """One slot's read sequence for one epoch: position -> sample, reading one segment at a time."""
 
     def __init__(self, spec: StreamSpec, epoch: int, worker: int) -> None:
         self.spec, self.epoch = spec, epoch
@@ -71,7 +72,7 @@ class SlotEpoch:
         self.segments = plan.slot_segments(shards.counts, order, lo, hi)
         self.starts = np.cumsum([0] + [len(s) for s in self.segments]).tolist()  # [num_segments + 1]
         self._loaded = -1
-        self._file: io.FileIO | None = None  # the loaded segment's shard
+        self._file: BinaryIO | None = None  # the loaded segment's shard
         self._refs: list[SampleRef | None] = []  # read order; None = lost to truncation
         self._buf = bytearray(1 << 20)  # reused for every image read (grown on demand)
         self._reported: set[int] = set()
@@ -88,15 +89,25 @@ class SlotEpoch:
         """Encoded image of a sample of the loaded segment; valid until the next call."""
         if len(self._buf) < ref.size:
             self._buf = bytearray(2 * ref.size)  # a new buffer: views of the old one may still be alive
-        return read_image(self._file.fileno(), ref, self._buf)
+        if ref.data is None:
+            return read_image(self._file.fileno(), ref, self._buf)
+        # streamed bytes are immutable, and torch.frombuffer (decode_rgb) warns on read-only buffers
+        view = memoryview(self._buf)[: ref.size]
+        view[:] = ref.data
+        return view
 
     def _load(self, seg_index: int) -> None:
         self.close()
         seg = self.segments[seg_index]
         path = self.spec.shard_set.path(seg.shard)
+        streamed = self.spec.reader == "webdataset"
         try:
-            self._file = open(path, "rb", buffering=0)  # held while the segment is read; close() closes it
-            refs, why = index_samples(self._file.fileno(), seg.lo, seg.hi)
+            # held while the segment is read; close() closes it
+            self._file = open(path, "rb", buffering=STREAM_BUFFER if streamed else 0)
+            if streamed:
+                refs, why = stream_samples(self._file, seg.lo, seg.hi)
+            else:
+                refs, why = index_samples(self._file.fileno(), seg.lo, seg.hi)
         except OSError as e:
             refs, why = [], f"{type(e).__name__}: {e}"
         if why is not None and seg_index not in self._reported:
