@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.plan import read_shard_set
-from pipeline.data.stream import BatchStream, StreamSpec
+from pipeline.data.stream import BatchStream, StreamSpec, release_buffer
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,12 @@ class ShardLoader:
             reader=cfg.reader,
         )
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batch], read by workers
+        # Reusable image buffers per worker (stream.BufferRing): what the main process may hold (the batch in
+        # use and the one before) plus what the workers prepare ahead.
+        ring = cfg.prefetch_factor + 3
+        self._buffer_flags = torch.zeros(max(1, cfg.num_workers), ring, dtype=torch.int64).share_memory_()
         self._loader = DataLoader(
-            BatchStream(self.spec, self._position),
+            BatchStream(self.spec, self._position, self._buffer_flags),
             batch_size=None,  # batches are built in the workers (one batch = one worker)
             num_workers=cfg.num_workers,
             persistent_workers=cfg.num_workers > 0,
@@ -231,7 +236,13 @@ class ShardLoader:
                 raise RuntimeError(
                     "ShardLoader iterator is stale: the loader was re-iterated or its state loaded"
                 )
-            self._account(batch.pop("meta"))
+            meta = batch.pop("meta")
+            if meta["buffer"] is not None:  # hand the worker's buffer back once nothing here uses it
+                done = weakref.finalize(
+                    batch["images"].untyped_storage(), release_buffer, self._buffer_flags, *meta["buffer"]
+                )
+                done.atexit = False
+            self._account(meta)
             received += 1
             self.batch += 1
             if self.batch == self.batches_per_epoch:  # position after an epoch's last batch: (epoch + 1, 0)
