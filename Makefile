@@ -36,8 +36,11 @@ test: setup lint
 	status=0; $(PY) -m pytest -q $(PYTEST_ARGS) || status=$$?; \
 	  bash slurm/local_cluster.sh stop; exit $$status
 
+# The quick CPU benchmarks (~5 min on 2 cores); bench_memory.py (long) and gpu_step.py (a GPU) run by hand.
 bench: setup
-	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_step.py --out benchmarks/results/step_cpu.json
+	PYTHONPATH=. $(PY) benchmarks/bench_loader.py --spans 5 --out benchmarks/results/loader_cpu.json
+	$(PY) benchmarks/bench_convert.py --images 2000 --out benchmarks/results/convert_cpu.json
 
 slurm-start: setup
 	bash slurm/local_cluster.sh install && bash slurm/local_cluster.sh start
