@@ -161,9 +161,10 @@ class ShardLoader:
             reader=cfg.reader,
         )
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batch], read by workers
-        # Reusable image buffers per worker (stream.BufferRing): what the main process may hold (the batch in
-        # use and the one before) plus what the workers prepare ahead.
-        ring = cfg.prefetch_factor + 3
+        # Reusable image buffers per worker (stream.BufferRing): the batches a worker has queued ahead, the one it
+        # builds, and one the main process holds (it holds at most two, from different workers). Shared memory
+        # in use per rank: num_workers x ring x batch bytes (64 x 224 px: 9.6 MB a batch).
+        ring = cfg.prefetch_factor + 2
         self._buffer_flags = torch.zeros(max(1, cfg.num_workers), ring, dtype=torch.int64).share_memory_()
         self._loader = DataLoader(
             BatchStream(self.spec, self._position, self._buffer_flags),
