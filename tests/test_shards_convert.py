@@ -233,7 +233,8 @@ def test_sigkill_after_first_shard_then_resume_is_byte_identical(
     args = ("--shard-samples", "4", "--seed", "3", "--workers", "2")
     proc = _cli(tree[0], out, *args, env={"HD_SHARDS_FAULT": "sleep@0.4"})
     deadline = time.monotonic() + 60
-    while not list(out.glob("train-*.tar")) and time.monotonic() < deadline and proc.poll() is None:
+    # A shard is finished once its sidecar is recorded (after the rename): kill after the first one is.
+    while not list(out.glob(".partial/train-*.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole session: the parent and its pool
     proc.communicate(timeout=30)
