@@ -243,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     from pipeline.eval.finetune_loop import run
+    from pipeline.parallel.dist import shutdown_distributed
 
     t0 = time.perf_counter()
     result = run(cfg)
+    shutdown_distributed()
     log.info(f"fine-tuning {result['status']} in {time.perf_counter() - t0:.0f}s: {result}")
     return 0
 

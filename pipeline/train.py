@@ -25,7 +25,14 @@ from pipeline.distill import build, resolve_dtype
 from pipeline.metrics import MetricLogger
 from pipeline.optim import lr_at, scaled_lr, warmup_steps
 from pipeline.parallel import parallelize
-from pipeline.parallel.dist import DistInfo, all_mean, any_rank, barrier, init_distributed
+from pipeline.parallel.dist import (
+    DistInfo,
+    all_mean,
+    any_rank,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+)
 
 log = logging.getLogger("pipeline.train")
 
@@ -189,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     run(cfg)
+    shutdown_distributed()
     return 0
 
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
+from pipeline.parallel.dist import shutdown_distributed
+
 if TYPE_CHECKING:
     from pipeline.config import RootConfig
 
@@ -95,6 +97,7 @@ def run_task(run: Callable[[Callable[[], bool]], str], max_requeues: int) -> str
         # One line that says why before the traceback; the job is not requeued.
         log.error(f"job failed, not requeued: {type(err).__name__}: {err}")
         raise
+    shutdown_distributed()  # finished or stopped cleanly: leave the group before exiting (also when requeued)
     if status == "preempted":
         names = ", ".join(signal.Signals(s).name for s in flag.received) or "a stop request"
         log.warning(f"stopped cleanly after {names}")

@@ -28,7 +28,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.distill import build  # noqa: E402
 from pipeline.optim import lr_at, scaled_lr, warmup_steps  # noqa: E402
 from pipeline.parallel import parallelize  # noqa: E402
-from pipeline.parallel.dist import all_mean, init_distributed  # noqa: E402
+from pipeline.parallel.dist import all_mean, init_distributed, shutdown_distributed  # noqa: E402
 from tests.helpers import uint8_images  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -131,6 +131,7 @@ def main(spec_path: str) -> None:
             print(results[job["name"]]["error"], file=sys.stderr, flush=True)
     if info.rank == 0:
         (Path(spec["out"]) / f"results_world{info.world_size}.json").write_text(json.dumps(results, indent=1))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pipeline.eval.randaugment import OPS, RandAugment, apply_op
 from pipeline.eval.recipe import Augment, build_model, layer_decay_groups, topk_correct
 from pipeline.evaluate import main as evaluate_main
 from pipeline.finetune import AugmentConfig, load_config
+from pipeline.parallel.dist import shutdown_distributed
 from shards.manifest import read_manifest
 from tests.helpers import TINY, random_vit, uint8_images
 from tests.test_evaluate import fmnist_shards, write_run
@@ -263,6 +264,7 @@ def _rank_worker(rank: int, port: int, overrides: list[str], out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     result = finetune_loop.run(load_config(overrides))
+    shutdown_distributed()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -96,6 +96,17 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     return info
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group before the interpreter exits; entry points call it after a clean finish.
+
+    A gloo group left to interpreter teardown can abort the process (SIGABRT, "terminate called without an active
+    exception"), which torchrun, srun and mp.spawn report as a failed rank. Not called after an exception: other
+    ranks may still be waiting in a collective, and the process is failing anyway.
+    """
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
