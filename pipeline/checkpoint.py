@@ -16,12 +16,22 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from pipeline.parallel.base import Parallel
 from pipeline.parallel.dist import barrier
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{9})$")
+
+
+def save_safetensors(
+    path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a state dict as safetensors under a temporary sibling name, then rename: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
 
 
 def rng_state() -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pipeline.data.loader import DataConfig, ShardLoader
 from pipeline.eval.encoder import POOLS, Encoder, load_encoder, read_run_config
 from pipeline.eval.probes import knn_accuracy, linear_probe
 from pipeline.models.checkpoints import FORMATS
-from shards.manifest import MANIFEST_NAME
+from shards.manifest import MANIFEST_NAME, write_json_atomic
 
 __all__ = ["extract_features", "knn_accuracy", "linear_probe", "load_encoder", "main"]
 
@@ -195,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = default_out(args)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, results)
     print(json.dumps(results, indent=2))
     print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from pipeline.checkpoint import save_safetensors
 from pipeline.config import StudentConfig
 from pipeline.eval.encoder import EXPORT_NAME, read_run_config
 from pipeline.models.checkpoints import read_state_dict, to_timm
@@ -73,9 +72,7 @@ def export_timm(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pat
     student, sd = encoder_state_dict(run_dir)
     weights = Path(out) if out else Path(run_dir) / "timm" / WEIGHTS_NAME
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, weights)
+    save_safetensors(weights, sd, metadata={"format": "pt"})
     config = weights.parent / CONFIG_NAME
     num_features = int(sd["pos_embed"].shape[-1])
     _, data = read_run_config(run_dir)

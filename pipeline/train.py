@@ -6,9 +6,7 @@ Slurm requeue work. It never imports submitit: a launcher passes ``stop_requeste
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -16,9 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from pipeline.checkpoint import Checkpointer, rng_state, set_rng_state
+from pipeline.checkpoint import Checkpointer, rng_state, save_safetensors, set_rng_state
 from pipeline.config import ConfigError, RootConfig, config_or_none, load_config, to_yaml
 from pipeline.data.loader import ShardLoader
 from pipeline.distill import build, resolve_dtype
@@ -27,12 +24,13 @@ from pipeline.optim import lr_at, scaled_lr, warmup_steps
 from pipeline.parallel import parallelize
 from pipeline.parallel.dist import (
     DistInfo,
-    all_mean,
+    all_means,
     any_rank,
     barrier,
     init_distributed,
     shutdown_distributed,
 )
+from shards.manifest import write_json_atomic
 
 log = logging.getLogger("pipeline.train")
 
@@ -70,12 +68,6 @@ def write_run_files(cfg: RootConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
-
-
-def export(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> str:
@@ -159,7 +151,7 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
         grad_norm = par.step(cfg.optim.clip_grad)
         step += 1
         step_s = time.perf_counter() - t_step
-        values = {k: all_mean(v) for k, v in sums.items()}
+        values = all_means(sums)
         values.update(
             lr=par.optimizer.param_groups[0]["lr"],
             grad_norm=grad_norm,
@@ -176,7 +168,7 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
     if status == "completed":
         full = par.export_state_dict()
         if info.is_main:
-            export(run_dir / "export.safetensors", built.export(full))
+            save_safetensors(run_dir / "export.safetensors", built.export(full))
             steady = rates[len(rates) // 10 :]  # skip the warm-up steps' timings
             summary = {
                 "status": status,
@@ -184,7 +176,7 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
                 "wall_s": time.perf_counter() - t_run,
                 "images_per_s": sum(steady) / len(steady) if steady else None,
             }
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json_atomic(run_dir / "summary.json", summary)
             log.info(f"done: {step} steps; exported {run_dir / 'export.safetensors'}")
     metrics.close()
     barrier()

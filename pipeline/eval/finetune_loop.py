@@ -9,10 +9,8 @@ parameters, inside DeepSpeed's ZeRO optimizer), and every step sets lr x lr_scal
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,10 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
-from safetensors.torch import save_file
 
-from pipeline.checkpoint import Checkpointer, rng_state, set_rng_state
+from pipeline.checkpoint import Checkpointer, rng_state, save_safetensors, set_rng_state
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, OptimConfig, RootConfig, TrainConfig
 from pipeline.data.loader import ShardLoader
 from pipeline.distill import resolve_dtype
@@ -42,8 +38,9 @@ from pipeline.models.student import Normalize
 from pipeline.optim import lr_at
 from pipeline.parallel import parallelize
 from pipeline.parallel.base import Parallel
-from pipeline.parallel.dist import DistInfo, all_mean, barrier, init_distributed
+from pipeline.parallel.dist import DistInfo, all_means, all_sum, barrier, init_distributed
 from pipeline.train import pick_device, setup_logging
+from shards.manifest import write_json_atomic
 
 log = logging.getLogger("pipeline.finetune")
 
@@ -91,16 +88,6 @@ def set_host_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def _sum_all(values: list[float]) -> list[float]:
-    if not torch_dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch_dist.get_backend() == "nccl":
-        t = t.cuda()
-    torch_dist.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def evaluate(
     par: Parallel, normalize: Normalize, loader: ShardLoader, device: torch.device
@@ -119,7 +106,7 @@ def evaluate(
         c1, c5 = topk_correct(logits, labels)
         counts = [counts[0] + c1, counts[1] + c5, counts[2] + len(labels)]
     model.train()
-    c1, c5, n = _sum_all(counts)
+    c1, c5, n = all_sum(counts)
     return {"val_top1": 100.0 * c1 / n, "val_top5": 100.0 * c5 / n, "val_samples": int(n)}
 
 
@@ -185,13 +172,8 @@ def build(cfg: FinetuneConfig, info: DistInfo, device: torch.device, dtype: torc
 
 
 def write_results(run_dir: Path, full: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
-    save_file(
-        {k.removeprefix("vit."): v.contiguous() for k, v in full.items()},
-        str(run_dir / "finetuned.safetensors"),
-    )
-    tmp = run_dir / ".finetune.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, run_dir / "finetune.json")
+    save_safetensors(run_dir / "finetuned.safetensors", {k.removeprefix("vit."): v for k, v in full.items()})
+    write_json_atomic(run_dir / "finetune.json", summary)
 
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -259,7 +241,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             par.backward(loss / s.accum)
             sums["loss"] += float(loss.detach()) / s.accum
             sums["train_acc"] += soft_accuracy(logits.detach(), target) / s.accum
-        values = {k: all_mean(v) for k, v in sums.items()}
+        values = all_means(sums)
         values.update(lr=lr, grad_norm=par.step(cfg.optim.clip_grad))
         step += 1
         if step % eval_every == 0 or step == s.total:

@@ -112,22 +112,33 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when flag is True on any (how ranks agree to stop at a step boundary)."""
+def _all_reduce(values: list[float], op: torch_dist.ReduceOp) -> list[float]:
+    """values reduced over all ranks (float64; on the GPU under NCCL); unchanged without a process group."""
     if not torch_dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
     if torch_dist.get_backend() == "nccl":
         t = t.cuda()
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    torch_dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when flag is True on any (how ranks agree to stop at a step boundary)."""
+    return _all_reduce([1.0 if flag else 0.0], torch_dist.ReduceOp.MAX)[0] > 0
 
 
 def all_mean(value: float) -> float:
-    if not torch_dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    if torch_dist.get_backend() == "nccl":
-        t = t.cuda()
-    torch_dist.all_reduce(t)
-    return float(t.item()) / torch_dist.get_world_size()
+    return all_means({"value": value})["value"]
+
+
+def all_means(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks, in one collective (every rank passes the same keys, same order)."""
+    world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+    sums = _all_reduce(list(values.values()), torch_dist.ReduceOp.SUM)
+    return {k: s / world for k, s in zip(values, sums)}
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over all ranks (e.g. correct counts and sample counts of a sharded evaluation)."""
+    return _all_reduce(values, torch_dist.ReduceOp.SUM)
