@@ -269,13 +269,14 @@ def to_yaml(cfg: RootConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _require(cond: bool, key: str, msg: str) -> None:
+def require(cond: bool, key: str, msg: str) -> None:
+    """Raise ConfigError naming `key` unless `cond` holds (every config check goes through this)."""
     if not cond:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+def one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
 
 T = TypeVar("T")
@@ -292,67 +293,67 @@ def config_or_none(load: Callable[[list[str]], T], argv: list[str]) -> T | None:
 
 def validate_parallel(p: ParallelConfig) -> None:
     """The `parallel` group's checks, shared by pretraining and fine-tuning."""
-    _one_of(p.strategy, "parallel.strategy", ("none", "ddp", "fsdp", "deepspeed"))
-    _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"{p.zero_stage} is not 1, 2 or 3")
-    _require(p.activation_checkpointing >= 0, "parallel.activation_checkpointing", "must be >= 0")
-    _one_of(p.backend, "parallel.backend", ("auto", "nccl", "gloo"))
-    _one_of(p.offload_optimizer, "parallel.offload_optimizer", ("none", "cpu"))
-    _one_of(p.offload_param, "parallel.offload_param", ("none", "cpu"))
+    one_of(p.strategy, "parallel.strategy", ("none", "ddp", "fsdp", "deepspeed"))
+    require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", f"{p.zero_stage} is not 1, 2 or 3")
+    require(p.activation_checkpointing >= 0, "parallel.activation_checkpointing", "must be >= 0")
+    one_of(p.backend, "parallel.backend", ("auto", "nccl", "gloo"))
+    one_of(p.offload_optimizer, "parallel.offload_optimizer", ("none", "cpu"))
+    one_of(p.offload_param, "parallel.offload_param", ("none", "cpu"))
 
 
 def validate(cfg: RootConfig, check_files: bool = True) -> None:
     """Check values and cross-field rules that the schema's types cannot express, naming the key."""
     d, m, o, t, p = cfg.distill, cfg.distill.mask, cfg.optim, cfg.train, cfg.parallel
-    _one_of(d.objective, "distill.objective", ("hybrid", "supervised", "mae"))
-    _one_of(d.feature_loss, "distill.feature_loss", ("smooth_l1", "mse", "cosine"))
-    _one_of(d.feature_norm, "distill.feature_norm", ("layernorm", "none"))
-    _require(d.alpha >= 0 and d.beta >= 0, "distill.alpha", "alpha and beta must be >= 0")
+    one_of(d.objective, "distill.objective", ("hybrid", "supervised", "mae"))
+    one_of(d.feature_loss, "distill.feature_loss", ("smooth_l1", "mse", "cosine"))
+    one_of(d.feature_norm, "distill.feature_norm", ("layernorm", "none"))
+    require(d.alpha >= 0 and d.beta >= 0, "distill.alpha", "alpha and beta must be >= 0")
     if d.objective == "hybrid":
-        _require(d.alpha + d.beta > 0, "distill.alpha", "alpha = beta = 0 leaves nothing to learn")
-    _one_of(m.score_source, "distill.mask.score_source", ("feature", "relation", "random"))
-    _one_of(m.selection, "distill.mask.selection", ("topk", "sample"))
-    _one_of(m.schedule, "distill.mask.schedule", ("constant", "linear", "stages"))
+        require(d.alpha + d.beta > 0, "distill.alpha", "alpha = beta = 0 leaves nothing to learn")
+    one_of(m.score_source, "distill.mask.score_source", ("feature", "relation", "random"))
+    one_of(m.selection, "distill.mask.selection", ("topk", "sample"))
+    one_of(m.schedule, "distill.mask.schedule", ("constant", "linear", "stages"))
     for key, r in (("start_ratio", m.start_ratio), ("end_ratio", m.end_ratio)):
-        _require(0.0 <= r < 1.0, f"distill.mask.{key}", f"{r} must be in [0, 1)")
-    _require(
+        require(0.0 <= r < 1.0, f"distill.mask.{key}", f"{r} must be in [0, 1)")
+    require(
         0.0 <= m.ramp_start <= m.ramp_end <= 1.0,
         "distill.mask.ramp_start",
         "need 0 <= ramp_start <= ramp_end <= 1",
     )
     if m.schedule == "stages":
-        _require(
+        require(
             len(m.stages) > 0 and m.stages[0][0] == 0.0,
             "distill.mask.stages",
             "first stage must start at 0.0",
         )
         fracs = [s[0] for s in m.stages]
-        _require(fracs == sorted(fracs), "distill.mask.stages", "stages must be sorted by fraction")
-        _require(
+        require(fracs == sorted(fracs), "distill.mask.stages", "stages must be sorted by fraction")
+        require(
             all(len(s) == 2 and 0 <= s[1] < 1 for s in m.stages),
             "distill.mask.stages",
             "each is [fraction, ratio<1]",
         )
-    _require(
+    require(
         len(m.depth_blocks) == len(m.depth_keep),
         "distill.mask.depth_keep",
         "one keep fraction per depth block",
     )
-    _require(all(0 < k <= 1 for k in m.depth_keep), "distill.mask.depth_keep", "fractions must be in (0, 1]")
-    _require(0 < d.mae_mask_ratio < 1, "distill.mae_mask_ratio", "must be in (0, 1)")
-    _require(o.base_lr > 0, "optim.base_lr", "must be > 0")
-    _require(len(o.betas) == 2, "optim.betas", "needs two values")
-    _require(o.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
-    _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
-    _require(t.steps >= 1, "train.steps", "must be >= 1")
-    _require(
+    require(all(0 < k <= 1 for k in m.depth_keep), "distill.mask.depth_keep", "fractions must be in (0, 1]")
+    require(0 < d.mae_mask_ratio < 1, "distill.mae_mask_ratio", "must be in (0, 1)")
+    require(o.base_lr > 0, "optim.base_lr", "must be > 0")
+    require(len(o.betas) == 2, "optim.betas", "needs two values")
+    require(o.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+    require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+    require(t.steps >= 1, "train.steps", "must be >= 1")
+    require(
         t.ckpt_every >= 1 and t.log_every >= 1, "train.ckpt_every", "ckpt_every and log_every must be >= 1"
     )
-    _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
-    _one_of(t.dtype, "train.dtype", ("auto", "fp32", "bf16"))
-    _one_of(t.device, "train.device", ("auto", "cpu", "cuda"))
+    require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    one_of(t.dtype, "train.dtype", ("auto", "fp32", "bf16"))
+    one_of(t.device, "train.device", ("auto", "cpu", "cuda"))
     validate_parallel(p)
     for key, s in (("student", cfg.student.std), ("teacher_feature", cfg.teacher_feature.std)):
-        _require(len(s) == 3 and all(v > 0 for v in s), f"{key}.std", "needs three positive values")
+        require(len(s) == 3 and all(v > 0 for v in s), f"{key}.std", "needs three positive values")
     if d.objective == "hybrid":
         _validate_models(cfg, check_files)
 
@@ -369,36 +370,36 @@ def _validate_models(cfg: RootConfig, check_files: bool) -> None:
         needed_for_scores = (role == "teacher_feature") == (d.mask.score_source == "feature")
         if not used and not (needed_for_scores and d.mask.score_source != "random"):
             continue
-        _one_of(tc.format, f"{role}.format", ("auto", "mae", "clip", "timm"))
-        _one_of(tc.grid_rule, f"{role}.grid_rule", ("resize", "interpolate", "none"))
+        one_of(tc.format, f"{role}.format", ("auto", "mae", "clip", "timm"))
+        one_of(tc.grid_rule, f"{role}.grid_rule", ("resize", "interpolate", "none"))
         if check_files:
-            _require(bool(tc.checkpoint), f"{role}.checkpoint", "no checkpoint given")
-            _require(os.path.isfile(tc.checkpoint), f"{role}.checkpoint", f"file not found: {tc.checkpoint}")
+            require(bool(tc.checkpoint), f"{role}.checkpoint", "no checkpoint given")
+            require(os.path.isfile(tc.checkpoint), f"{role}.checkpoint", f"file not found: {tc.checkpoint}")
         teacher = vit_geometry(tc.arch, tc.img_size, tc.model_kwargs, role)
         if teacher.grid != student.grid:
-            _require(
+            require(
                 tc.grid_rule != "none",
                 f"{role}.grid_rule",
                 f"teacher grid {teacher.grid} differs from student grid {student.grid} and grid_rule is none",
             )
-            _require(
+            require(
                 not (role == "teacher_relation" and tc.grid_rule == "interpolate"),
                 f"{role}.grid_rule",
                 "attention relations cannot be interpolated between grids; use resize",
             )
     layers = d.relation_layers
-    _require(
+    require(
         all(0 <= i < student.depth for i in layers),
         "distill.relation_layers",
         f"indices must be in [0, {student.depth})",
     )
     if d.relation_teacher_layers:
-        _require(
+        require(
             len(d.relation_teacher_layers) == len(layers),
             "distill.relation_teacher_layers",
             "needs one teacher layer per entry of distill.relation_layers (which must then be set)",
         )
-    _require(
+    require(
         all(0 < b < student.depth for b in d.mask.depth_blocks),
         "distill.mask.depth_blocks",
         f"blocks must be in [1, {student.depth})",

@@ -24,7 +24,15 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from pipeline.config import CONF_DIR, ConfigError, ParallelConfig, config_or_none, validate_parallel
+from pipeline.config import (
+    CONF_DIR,
+    ConfigError,
+    ParallelConfig,
+    config_or_none,
+    one_of,
+    require,
+    validate_parallel,
+)
 from pipeline.data.loader import DataConfig
 
 log = logging.getLogger("pipeline.finetune")
@@ -146,56 +154,49 @@ class FinetuneConfig:
 ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
 
 
-def _require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
 def validate(cfg: FinetuneConfig, check_files: bool = True) -> None:
     """Value and cross-field checks the types cannot express; the message names the key."""
     i, m, o, a, t = cfg.init, cfg.model, cfg.optim, cfg.aug, cfg.train
-    _require(not (i.run and i.checkpoint), "init.checkpoint", "give init.run or init.checkpoint, not both")
-    _require(
-        i.format in ("auto", "mae", "clip", "timm"), "init.format", f"{i.format!r} is not auto|mae|clip|timm"
-    )
+    require(not (i.run and i.checkpoint), "init.checkpoint", "give init.run or init.checkpoint, not both")
+    one_of(i.format, "init.format", ("auto", "mae", "clip", "timm"))
     if i.run:
-        _require(
+        require(
             not m.arch and not m.model_kwargs,
             "model.arch",
             "leave model.arch/model_kwargs empty with init.run",
         )
     else:
-        _require(
+        require(
             bool(m.arch),
             "init.run",
             "give the pretrained run (init.run=runs/NAME), or init.checkpoint=FILE / a random-init baseline "
             "with model.arch=TIMM_NAME",
         )
     if check_files and i.run:
-        _require(
+        require(
             os.path.isfile(os.path.join(i.run, "export.safetensors")),
             "init.run",
             f"{i.run}/export.safetensors not found (unfinished run?)",
         )
     if check_files and i.checkpoint:
-        _require(os.path.isfile(i.checkpoint), "init.checkpoint", f"file not found: {i.checkpoint}")
-    _require(m.global_pool in ("avg", "token"), "model.global_pool", f"{m.global_pool!r} is not avg|token")
-    _require(0 <= m.drop_path < 1, "model.drop_path", "must be in [0, 1)")
+        require(os.path.isfile(i.checkpoint), "init.checkpoint", f"file not found: {i.checkpoint}")
+    one_of(m.global_pool, "model.global_pool", ("avg", "token"))
+    require(0 <= m.drop_path < 1, "model.drop_path", "must be in [0, 1)")
     for key, v in (("model.mean", m.mean), ("model.std", m.std)):
-        _require(len(v) in (0, 3), key, "needs three values (or none)")
-    _require(o.blr > 0, "optim.blr", "must be > 0")
-    _require(0 < o.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
-    _require(len(o.betas) == 2, "optim.betas", "needs two values")
-    _require(o.batch_size >= 0, "optim.batch_size", "must be >= 0")
-    _require(0 <= a.reprob <= 1 and 0 <= a.mixup_prob <= 1, "aug.reprob", "probabilities must be in [0, 1]")
-    _require(0 <= a.label_smoothing < 1, "aug.label_smoothing", "must be in [0, 1)")
-    _require(0 <= a.randaug_magnitude <= 10, "aug.randaug_magnitude", "must be in [0, 10] (timm's scale)")
+        require(len(v) in (0, 3), key, "needs three values (or none)")
+    require(o.blr > 0, "optim.blr", "must be > 0")
+    require(0 < o.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
+    require(len(o.betas) == 2, "optim.betas", "needs two values")
+    require(o.batch_size >= 0, "optim.batch_size", "must be >= 0")
+    require(0 <= a.reprob <= 1 and 0 <= a.mixup_prob <= 1, "aug.reprob", "probabilities must be in [0, 1]")
+    require(0 <= a.label_smoothing < 1, "aug.label_smoothing", "must be in [0, 1)")
+    require(0 <= a.randaug_magnitude <= 10, "aug.randaug_magnitude", "must be in [0, 10] (timm's scale)")
     if a.mixup > 0 or a.cutmix > 0:
-        _require(cfg.data.batch_size % 2 == 0, "data.batch_size", "mixup/cutmix need an even per-rank batch")
-    _require(t.steps > 0 or t.epochs > 0, "train.epochs", "set train.epochs or train.steps")
-    _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"{t.device!r} is not auto|cpu|cuda")
-    _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"{t.dtype!r} is not auto|fp32|bf16")
-    _require(
+        require(cfg.data.batch_size % 2 == 0, "data.batch_size", "mixup/cutmix need an even per-rank batch")
+    require(t.steps > 0 or t.epochs > 0, "train.epochs", "set train.epochs or train.steps")
+    one_of(t.device, "train.device", ("auto", "cpu", "cuda"))
+    one_of(t.dtype, "train.dtype", ("auto", "fp32", "bf16"))
+    require(
         min(t.log_every, t.ckpt_every, t.keep_last) >= 1,
         "train.log_every",
         "log_every, ckpt_every, keep_last >= 1",
@@ -206,9 +207,7 @@ def validate(cfg: FinetuneConfig, check_files: bool = True) -> None:
             ("data.train_shards", cfg.data.train_shards),
             ("data.val_shards", cfg.data.val_shards),
         ):
-            _require(
-                os.path.isfile(os.path.join(path, "manifest.json")), key, f"no manifest.json in {path!r}"
-            )
+            require(os.path.isfile(os.path.join(path, "manifest.json")), key, f"no manifest.json in {path!r}")
 
 
 def load_config(overrides: list[str] | None = None, check_files: bool = True) -> FinetuneConfig:
