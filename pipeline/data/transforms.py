@@ -22,6 +22,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from shards.images import plain_rgb8, to_rgb8
+
 # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency) and warns on every call;
 # pyproject pins torchvision < 0.30, and decode_rgb falls back to PIL if they ever go.
 warnings.filterwarnings(
@@ -30,19 +32,24 @@ warnings.filterwarnings(
 
 
 def decode_rgb(data: bytearray | memoryview) -> torch.Tensor:
-    """Image bytes -> [3, H, W] uint8 RGB (greyscale, palette and CMYK sources become RGB; alpha is dropped).
+    """Image bytes -> [3, H, W] uint8 RGB by the converter's pixel rule (shards.images.to_rgb8): more than
+    8 bits per sample scaled to 8, transparency composited on white, grey/palette/CMYK converted to RGB.
 
-    torchvision's decoders (libjpeg-turbo, libpng, libwebp) are the fast path; PIL is the fallback for the
-    formats and modes they reject (16-bit PNG, BMP, TIFF, ...). Raises on bytes neither can decode.
+    torchvision's decoders (libjpeg-turbo, libpng, libwebp) are the fast path, taken only for bytes whose
+    plain RGB decode already is the rule's result (shards.images.plain_rgb8 reads the header: JPEG, or 8-bit
+    PNG/WebP without transparency), since their RGB mode drops alpha silently and keeps 16 bits. PIL and
+    to_rgb8 decode everything else (16-bit or transparent PNG, BMP, TIFF, ...). Raises on bytes neither can
+    decode.
     """
-    try:
-        img = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-        if img.dtype == torch.uint8 and img.shape[0] == 3:
-            return img
-    except (RuntimeError, ValueError):
-        pass
+    if plain_rgb8(data):
+        try:
+            img = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if img.dtype == torch.uint8 and img.shape[0] == 3:
+                return img
+        except (RuntimeError, ValueError):
+            pass
     with Image.open(io.BytesIO(data)) as im:
-        rgb = np.asarray(im.convert("RGB"))  # [H, W, 3]
+        rgb = np.asarray(to_rgb8(im))  # [H, W, 3]
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
