@@ -112,10 +112,3 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         found == m["files_found"], p, f"num_samples + rejected = {found} != files_found {m['files_found']}"
     )
     return m
-
-
-def shard_paths(path: str | os.PathLike[str]) -> list[Path]:
-    """Absolute shard paths in manifest order (for loaders that want files, not names)."""
-    p = Path(path)
-    root = p if p.is_dir() else p.parent
-    return [root / s["name"] for s in read_manifest(p)["shards"]]

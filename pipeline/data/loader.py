@@ -1,9 +1,10 @@
 """The streaming loader the trainer uses: shards -> uint8 batches, with an exact, cheap resume position.
 
     loader = ShardLoader(cfg, shard_dir, rank, world_size, train=True)
+    loader.load_state_dict(state["loader"])  # on resume, before the `for`
     for batch in loader:  # images [B, 3, S, S] uint8 RGB, labels [B] int64, keys list[str], valid [B] bool
         ...
-        ckpt["data"] = loader.state_dict()  # (epoch, batches consumed in it), after each consumed batch
+        state = {"loader": loader.state_dict(), ...}  # (epoch, batches consumed): train.py's save() keeps it
 
 Work split (plan.py): rank first, then DataLoader worker, each a contiguous range of the epoch's sample
 sequence, so in "epoch" mode samples are disjoint across ranks and workers and cover the whole set, and every
