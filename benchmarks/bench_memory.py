@@ -78,8 +78,8 @@ def worker(spec: dict) -> None:
     overrides = [
         f"student.arch={spec['student']}",
         "student.img_size=224",
-        "teacher/feature=deit_base",
-        "teacher/relation=mae_vit_base",
+        "teacher@teachers.feature=deit_base",
+        "teacher@teachers.relation=mae_vit_base",
         *STRATEGIES[spec["strategy"]],
         f"parallel.activation_checkpointing={spec['ac']}",
         f"data.batch_size={spec['batch']}",

@@ -64,8 +64,8 @@ def make_config(args, keep: float, ac: int, compile_: bool) -> RootConfig:
     cfg = load_config(
         [
             "student=vit_base",
-            "teacher/feature=clip_vit_b16",
-            "teacher/relation=mae_vit_base",
+            "teacher@teachers.feature=clip_vit_b16",
+            "teacher@teachers.relation=mae_vit_base",
             "parallel=none",
             f"parallel.activation_checkpointing={ac}",
             f"parallel.compile={compile_}",
@@ -76,7 +76,7 @@ def make_config(args, keep: float, ac: int, compile_: bool) -> RootConfig:
         check_files=False,
     )
     if args.smoke:  # same code path, tiny models at 32 px
-        for sub in (cfg.student, cfg.teacher_feature, cfg.teacher_relation):
+        for sub in (cfg.student, *cfg.teachers.values()):
             sub.img_size, sub.model_kwargs = 32, dict(TINY)
         cfg.data.img_size = 32
         validate(cfg, check_files=False)

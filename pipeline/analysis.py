@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shards = args.shards or read_run_config(first)[1].val_shards
         encoders = {name: load_encoder(path) for name, path in runs.items()}
-        images = first_images(shards, args.images, next(iter(encoders.values())).img_size)
+        images = first_images(shards, args.images, next(iter(encoders.values())).input_size)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

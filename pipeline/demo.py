@@ -1,8 +1,8 @@
 """``make demo``: the whole pipeline on real images (Fashion-MNIST) on a CPU box, ending in runs/demo/report.md.
 
 Stages: convert the train/test splits to shards; train the two demo teachers (supervised, MAE); distil three
-students on the same budget (Hybrid Distill and the alpha = 0 / beta = 0 baselines); evaluate every model and a
-randomly initialised one with k-NN on the test split; write the report. A finished stage (its run directory has
+students on the same budget (Hybrid Distill, and the feature_only / relation_only presets, each built from one
+teacher only); evaluate every model and a randomly initialised one with k-NN on the test split; write the report. A finished stage (its run directory has
 summary.json, or the shard set its manifest) is reused; an interrupted one resumes from its last checkpoint.
 """
 
@@ -47,12 +47,9 @@ def stages(
     """Every path is under root, so a second demo (the tests' small one) never touches runs/demo."""
     data = [f"data.train_shards={root / 'shards/train'}", f"data.val_shards={root / 'shards/test'}"]
     common = [f"train.steps={steps}", *data, *extra]
-    hybrid = [
-        "experiment=demo_hybrid",
-        f"teacher_feature.checkpoint={root / 'teacher_supervised/export.safetensors'}",
-        f"teacher_relation.checkpoint={root / 'teacher_mae/export.safetensors'}",
-        *common,
-    ]
+    feature = f"teachers.feature.checkpoint={root / 'teacher_supervised/export.safetensors'}"
+    relation = f"teachers.relation.checkpoint={root / 'teacher_mae/export.safetensors'}"
+    hybrid = ["experiment=demo_hybrid", feature, relation, *common]
     cut = ["--limit", str(limit)] if limit else []
 
     def train(name: str, overrides: list[str]) -> Stage:
@@ -70,8 +67,8 @@ def stages(
         train("teacher_supervised", ["experiment=demo_teacher_supervised", *common]),
         train("teacher_mae", ["experiment=demo_teacher_mae", *common]),
         train("hybrid", hybrid),
-        train("feature_only", [*hybrid, "distill.beta=0"]),
-        train("relation_only", [*hybrid, "distill.alpha=0"]),
+        train("feature_only", ["experiment=demo_feature_only", feature, *common]),
+        train("relation_only", ["experiment=demo_relation_only", relation, *common]),
         *(finetune(name) for name in FINETUNED if ft_steps > 0),
         *(train(name, [*hybrid, f"experiment={name}"]) for name in ABLATIONS if ablations),
     ]

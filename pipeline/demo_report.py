@@ -28,9 +28,9 @@ from shards.manifest import read_manifest
 MODELS = [
     ("teacher_supervised", "feature teacher (supervised)"),
     ("teacher_mae", "relation teacher (MAE)"),
-    ("hybrid", "student: Hybrid Distill (alpha=1, beta=1)"),
-    ("feature_only", "student: feature only (beta=0)"),
-    ("relation_only", "student: relation only (alpha=0)"),
+    ("hybrid", "student: Hybrid Distill (features + relations, weights 1, 1)"),
+    ("feature_only", "student: features of the supervised teacher only (distill=feature_only)"),
+    ("relation_only", "student: relations of the MAE teacher only (distill=relation_only)"),
 ]
 
 
@@ -58,9 +58,9 @@ def evaluate_all(root: Path, plan: list, knn_train: int) -> list[dict[str, Any]]
         t0 = time.perf_counter()
         encoder = random_encoder(root) if name == "random_init" else load_encoder(root / name)
         train_f, train_y = features(
-            encoder, root / "shards/train", encoder.img_size, knn_train, f"{name} train"
+            encoder, root / "shards/train", encoder.input_size, knn_train, f"{name} train"
         )
-        test_f, test_y = features(encoder, root / "shards/test", encoder.img_size, None, f"{name} test")
+        test_f, test_y = features(encoder, root / "shards/test", encoder.input_size, None, f"{name} test")
         knn = knn_accuracy(train_f, train_y, test_f, test_y, k=20, temperature=0.07, num_classes=10)
         probe = linear_probe(train_f, train_y, test_f, test_y, epochs=30, lr=0.1, num_classes=10)
         summary = _summary(root / name)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pipeline.data.loader import DataConfig, ShardLoader
 from pipeline.eval.encoder import POOLS, Encoder, load_encoder, read_run_config
 from pipeline.eval.probes import knn_accuracy, linear_probe
-from pipeline.models.checkpoints import FORMATS
+from pipeline.schema import CHECKPOINT_FORMATS as FORMATS
 from shards.manifest import MANIFEST_NAME, write_json_atomic
 
 __all__ = ["extract_features", "knn_accuracy", "linear_probe", "load_encoder", "main"]
@@ -131,7 +131,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     train_dir = _check_shards(args.train_shards or data.train_shards, "--train-shards")
     val_dir = _check_shards(args.val_shards or data.val_shards, "--val-shards")
     workers = args.num_workers if args.num_workers is not None else (data.num_workers if args.run else 4)
-    cfg = DataConfig(img_size=encoder.img_size, batch_size=args.batch_size, num_workers=workers, mode="epoch")
+    cfg = DataConfig(img_size=encoder.input_size, batch_size=args.batch_size, num_workers=workers, mode="epoch")
     t0 = time.perf_counter()
     # train=False for both splits: resize + centre crop, manifest order, every sample once (no augmentation)
     train_loader = ShardLoader(cfg, train_dir, train=False)

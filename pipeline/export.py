@@ -23,7 +23,7 @@ import torch
 from pipeline.checkpoint import save_safetensors
 from pipeline.config import StudentConfig
 from pipeline.eval.encoder import EXPORT_NAME, read_run_config
-from pipeline.models.checkpoints import read_state_dict, to_timm
+from pipeline.models.checkpoints import read_state_dict, to_backbone_keys
 from pipeline.models.geometry import create_vit
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
@@ -62,7 +62,7 @@ def encoder_state_dict(run_dir: str | Path) -> tuple[StudentConfig, dict[str, to
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; the trainer writes it after the run's last step")
     vit = create_vit(student.arch, student.img_size, student.model_kwargs)  # num_classes=0: no head
-    sd = to_timm(read_state_dict(str(path)), "auto", vit)
+    sd = to_backbone_keys(read_state_dict(str(path)), "auto", vit)
     vit.load_state_dict(sd, strict=True)  # raises, naming keys, if anything is missing or left over
     return student, {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
 

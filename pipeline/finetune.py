@@ -25,6 +25,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from pipeline.config import (
+    CHECKPOINT_FORMATS,
     CONF_DIR,
     ConfigError,
     ParallelConfig,
@@ -47,7 +48,7 @@ class InitConfig:
     checkpoint: str = ""
     """Or an outside checkpoint (MAE .pth, CLIP, DeiT/timm, .safetensors) of model.arch. Neither: random init."""
     format: str = "auto"
-    """Layout of init.checkpoint: auto | mae | clip | timm."""
+    """Layout of init.checkpoint: auto | timm | mae | clip | open_clip | dinov2 | eva (pipeline.models.checkpoints)."""
 
 
 @dataclass
@@ -158,7 +159,7 @@ def validate(cfg: FinetuneConfig, check_files: bool = True) -> None:
     """Value and cross-field checks the types cannot express; the message names the key."""
     i, m, o, a, t = cfg.init, cfg.model, cfg.optim, cfg.aug, cfg.train
     require(not (i.run and i.checkpoint), "init.checkpoint", "give init.run or init.checkpoint, not both")
-    one_of(i.format, "init.format", ("auto", "mae", "clip", "timm"))
+    one_of(i.format, "init.format", CHECKPOINT_FORMATS)
     if i.run:
         require(
             not m.arch and not m.model_kwargs,

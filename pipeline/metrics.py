@@ -7,6 +7,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("pipeline.train")
 
 
@@ -15,6 +17,19 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def term_grad_norms(terms: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, float]:
+    """{grad_norm_<name>: the global norm of the gradient that weight x term alone gives ``params``}.
+
+    One extra backward per term, on a retained graph (so the training backward can follow): the evidence for
+    balancing the weights, measured at a few steps only (train.term_grad_norm_every)."""
+    norms = {}
+    for name, value in terms.items():
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        sq = sum(g.detach().float().pow(2).sum() for g in grads if g is not None)
+        norms[f"grad_norm_{name}"] = float(torch.as_tensor(sq).sqrt())
+    return norms
 
 
 class MetricLogger:

@@ -19,7 +19,7 @@ from pipeline.checkpoint import Checkpointer, rng_state, save_safetensors, set_r
 from pipeline.config import ConfigError, RootConfig, config_or_none, load_config, to_yaml
 from pipeline.data.loader import ShardLoader
 from pipeline.distill import build, resolve_dtype
-from pipeline.metrics import MetricLogger
+from pipeline.metrics import MetricLogger, term_grad_norms
 from pipeline.optim import lr_at, scaled_lr, warmup_steps
 from pipeline.parallel import parallelize
 from pipeline.parallel.dist import (
@@ -92,7 +92,7 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
     loader = ShardLoader(
         cfg.data, cfg.data.train_shards, rank=info.rank, world_size=info.world_size, train=True
     )
-    built = build(cfg, device, num_classes=loader.num_classes)
+    built = build(cfg, device, num_classes=loader.num_classes, rank=info.rank)
     n_params = sum(p.numel() for p in built.model.parameters())  # before ZeRO-3 partitions them
     par = parallelize(built.model, cfg, device, dtype, info)
     accum, total = cfg.optim.accum_steps, cfg.train.steps
@@ -104,6 +104,13 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
         f"precision {str(dtype).removeprefix('torch.')} on {device} | lr {peak:.3g} (warm-up {warm}) | "
         f"trainable params {n_params / 1e6:.2f}M | teachers {len(built.teachers)} (frozen, replicated)"
     )
+    grad_every = cfg.train.term_grad_norm_every
+    whole = par.whole_parameters()
+    if grad_every and whole is None and cfg.distill.objective == "hybrid":
+        log.warning(
+            f"train.term_grad_norm_every: per-term gradient norms are not measured under {par.description} "
+            "(its parameters are sharded); they are under parallel none, ddp and deepspeed ZeRO-1/2"
+        )
 
     ckpt = Checkpointer(run_dir, cfg.train.keep_last, info.rank, info.world_size)
     step = 0
@@ -132,7 +139,7 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
         t_step = time.perf_counter()
         data_wait = teacher_s = 0.0
         sums: dict[str, float] = {}
-        for _ in range(accum):
+        for micro in range(accum):
             t0 = time.perf_counter()
             batch = next(batches, None)
             if batch is None:  # an exact-once epoch ended: the loader starts the next one
@@ -143,7 +150,10 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
             }
             data_wait += time.perf_counter() - t0
             with par.forward_context():
-                losses = built.objective(par.model, batch, step)
+                losses = built.objective(par.model, batch, step, micro)
+            terms = losses.pop("terms", {})
+            if micro == 0 and grad_every and whole is not None and (step + 1) % grad_every == 0:
+                sums.update(term_grad_norms(terms, whole))  # before the backward frees the graph
             par.backward(losses["loss"] / accum)
             teacher_s += built.objective.teacher_seconds
             for k, v in losses.items():

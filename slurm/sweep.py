@@ -1,6 +1,6 @@
 """Sweeps: Hydra multirun syntax (`key=a,b`, `key=range(0,3)`, `key=choice(x,y)`) -> one override list per run.
 
-Hydra's own override parser decides what is a sweep, so a list value such as `distill.relation_layers=[1,3]` is
+Hydra's own override parser decides what is a sweep, so a list value such as `distill.terms.rel.student_layers=[1,3]` is
 not split, and quoting works as in `--multirun`.
 """
 

@@ -52,8 +52,8 @@ def smoke_args(fashion_shards, smoke_teachers, tmp_path) -> list[str]:
     """Overrides for a seconds-long real run of the hybrid objective in a fresh run directory."""
     return [
         "experiment=smoke",
-        f"teacher_feature.checkpoint={smoke_teachers['feature']}",
-        f"teacher_relation.checkpoint={smoke_teachers['relation']}",
+        f"teachers.feature.checkpoint={smoke_teachers['feature']}",
+        f"teachers.relation.checkpoint={smoke_teachers['relation']}",
         f"data.train_shards={fashion_shards['train']}",
         f"data.val_shards={fashion_shards['test']}",
         f"run_dir={tmp_path / 'run'}",

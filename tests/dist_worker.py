@@ -76,8 +76,10 @@ def run_job(spec: dict, job: dict, info) -> dict:
     accum = cfg.optim.accum_steps
     cfg.data.batch_size = size // (accum * world)  # per-rank micro-batch (DeepSpeed's micro batch size)
     torch.manual_seed(cfg.seed)
-    built = build(cfg, CPU)
-    teachers_before = [{k: v.detach().clone() for k, v in t.named_parameters()} for t in built.teachers]
+    built = build(cfg, CPU, rank=rank)
+    teachers_before = [
+        {k: v.detach().clone() for k, v in t.named_parameters()} for t in built.teachers.values()
+    ]
     par = parallelize(built.model, cfg, CPU, torch.float32, info)
     out, name = Path(spec["out"]), job["name"]
     result: dict = {"description": par.description, "losses": [], "grad_norms": []}
@@ -95,7 +97,7 @@ def run_job(spec: dict, job: dict, info) -> dict:
         for m in range(accum):
             batch = {"images": micro_slice(images, m, accum, rank, world)}
             with par.forward_context():
-                losses = built.objective(par.model, batch, step)
+                losses = built.objective(par.model, batch, step, m)
             par.backward(losses["loss"] / accum)
             total += float(losses["loss"].detach()) / accum
         result["grad_norms"].append(par.step(cfg.optim.clip_grad))
@@ -103,7 +105,7 @@ def run_job(spec: dict, job: dict, info) -> dict:
         if job["save_after"] == step + 1:
             ckpt.save(step + 1, par, {"step": step + 1})
             save_full(par, out / f"{name}_saved.safetensors", rank)
-    result["teachers_frozen"] = frozen_ok(built.teachers, teachers_before, par)
+    result["teachers_frozen"] = frozen_ok(list(built.teachers.values()), teachers_before, par)
     full = par.export_state_dict()
     if job["features"]:
         with torch.no_grad():  # collective forward under FSDP / ZeRO-3

@@ -26,7 +26,7 @@ from pipeline.eval.attention import (
     patch_distances,
 )
 from pipeline.eval.encoder import Encoder
-from pipeline.models.student import Normalize
+from pipeline.models.frozen import Normalize
 from tests.helpers import random_vit, tiny_student_cfg, uint8_images
 from tests.test_evaluate import fmnist_shards, write_run
 

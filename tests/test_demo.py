@@ -62,23 +62,24 @@ def check_prepared_teachers(root: Path) -> None:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.models.teacher import Teacher
+    from pipeline.models.teacher import FINAL, Teacher, TeacherRequest
 
     cfg = load_config(
         [
             "experiment=demo_hybrid",
-            f"teacher_feature.checkpoint={root / 'teacher_supervised/export.safetensors'}",
-            f"teacher_relation.checkpoint={root / 'teacher_mae/export.safetensors'}",
+            f"teachers.feature.checkpoint={root / 'teacher_supervised/export.safetensors'}",
+            f"teachers.relation.checkpoint={root / 'teacher_mae/export.safetensors'}",
         ]
     )
     images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
-    for tcfg, fmt in ((cfg.teacher_feature, "timm"), (cfg.teacher_relation, "mae")):
+    for tcfg, fmt in ((cfg.teachers["feature"], "timm"), (cfg.teachers["relation"], "mae")):
         assert tcfg.format == fmt
-        teacher = Teacher(tcfg, (7, 7), relation_layers=[1], want_cls_attn=True)
+        request = TeacherRequest(feature_layers={FINAL}, relation_blocks={1}, scores=True)
+        teacher = Teacher(tcfg, (7, 7), request)
         teacher.train()
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
         out = teacher(images)
-        assert out["tokens"].shape == (2, 49, 96) and out["tokens"].grad_fn is None
+        assert out.features[FINAL].shape == (2, 49, 96) and out.features[FINAL].grad_fn is None
 
 
 def test_demo_refuses_missing_dataset(monkeypatch, tmp_path):
@@ -102,14 +103,14 @@ def test_ablation_stages_change_one_choice_of_the_hybrid_student(tmp_path):
     for name in ABLATIONS:
         cfg = load_config(plan[name].overrides, check_files=False)
         assert cfg.run_dir == str(tmp_path / name) and cfg.train.steps == base.train.steps == 600
-        assert cfg.teacher_feature == base.teacher_feature and cfg.teacher_relation == base.teacher_relation
-        changed[name] = [
-            k for k in ("relation_layers", "mask") if getattr(cfg.distill, k) != getattr(base.distill, k)
-        ]
+        assert cfg.teachers == base.teachers
+        changed[name] = [k for k in ("terms", "mask") if getattr(cfg.distill, k) != getattr(base.distill, k)]
+        if name.startswith("ablate_relation"):
+            assert cfg.distill.terms["rel"].student_layers != base.distill.terms["rel"].student_layers
     assert changed == {
-        "ablate_relation_early": ["relation_layers"],
-        "ablate_relation_last": ["relation_layers"],
-        "ablate_relation_all": ["relation_layers"],
+        "ablate_relation_early": ["terms"],
+        "ablate_relation_last": ["terms"],
+        "ablate_relation_all": ["terms"],
         "ablate_mask_off": ["mask"],
         "ablate_mask_random": ["mask"],
         "ablate_mask_sample": ["mask"],

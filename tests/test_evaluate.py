@@ -20,7 +20,7 @@ from pipeline.data.loader import DataConfig, ShardLoader
 from pipeline.distill import mae_state_dict, public_state_dict
 from pipeline.eval import probes
 from pipeline.evaluate import extract_features, knn_accuracy, linear_probe, load_encoder, main
-from pipeline.models.student import Normalize
+from pipeline.models.frozen import Normalize
 from tests.helpers import random_vit, tiny_student_cfg, uint8_images
 
 pytestmark = pytest.mark.filterwarnings(

@@ -11,7 +11,8 @@ import torch
 
 from pipeline.distill import mae_state_dict, public_state_dict
 from pipeline.export import export_timm, main
-from pipeline.models.student import Normalize, Student
+from pipeline.models.frozen import Normalize
+from pipeline.models.student import Student
 from tests.helpers import TINY, random_vit, tiny_student_cfg, uint8_images
 from tests.test_evaluate import write_run
 
@@ -19,7 +20,7 @@ from tests.test_evaluate import write_run
 def trained_student(seed: int = 0) -> Student:
     """A student with a feature head h whose weights are all non-default (norms perturbed too)."""
     torch.manual_seed(seed)
-    student = Student(tiny_student_cfg(), relation_layers=[1], feature_dim=48)
+    student = Student(tiny_student_cfg(), relation_layers=[1], heads={"feat": 48})
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))

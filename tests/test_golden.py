@@ -1,5 +1,6 @@
 """Golden values: the smoke config's first losses on CPU in fp32, pinned before refactors that must not change
-the maths (they were captured from the code before the teachers-as-a-named-set refactor; it keeps them).
+the maths (they were captured from the code before the teachers-as-a-named-set refactor; it keeps them, with the
+smoke config's relation term averaged over heads as that code did: its teacher has 4 heads, the student 2).
 
 The objective is called on fixed uint8 batches at steps 0, 3 and 6 (mask ratio 0, 0.1875, 0.375 of the linear
 ramp); the trainer's first eight logged losses come from a real run on Fashion-MNIST shards. Values are compared
@@ -28,7 +29,7 @@ SMOKE_R = {"patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 4}
 
 # (loss, loss_feat, loss_rel) at steps 0, 3, 6.
 GOLDEN = {
-    # the smoke config as it is (its relation teacher has 4 heads, the student 2: head-averaged relations)
+    # the smoke config (its relation teacher has 4 heads, the student 2), relations averaged over heads
     "smoke": [
         (0.5236706137657166, 0.5236273407936096, 4.330012234277092e-05),
         (0.5150595307350159, 0.5150176286697388, 4.1903072997229174e-05),
@@ -40,7 +41,7 @@ GOLDEN = {
         (0.5192433595657349, 0.515608012676239, 0.0036353354807943106),
         (0.519132137298584, 0.5154349207878113, 0.003697209758684039),
     ],
-    # equal head counts (relations matched head to head)
+    # equal head counts: relations matched head to head (the default heads=teacher, not averaged)
     "equal_heads": [
         (0.5373315215110779, 0.5241097807884216, 0.013221736066043377),
         (0.5289453268051147, 0.515608012676239, 0.01333734393119812),
@@ -53,11 +54,16 @@ GOLDEN = {
         (0.5257326364517212, 0.5221456289291382, 0.003587000072002411),
     ],
 }
+AVERAGED = ["distill.terms.rel.heads=average"]  # what the code before the refactor did with unequal counts
 OVERRIDES = {
-    "smoke": [],
-    "sharp": [],
-    "equal_heads": ["teacher_relation.model_kwargs.num_heads=2"],
-    "relation_scores": ["distill.mask.score_source=relation", "distill.relation_layers=[0,3]"],
+    "smoke": AVERAGED,
+    "sharp": AVERAGED,
+    "equal_heads": ["teachers.relation.model_kwargs.num_heads=2"],
+    "relation_scores": [
+        *AVERAGED,
+        "distill.mask.score_source=relation",
+        "distill.terms.rel.student_layers=[0,3]",
+    ],
 }
 # The trainer's metrics.jsonl (rounded to 6 significant digits there): step, loss, loss_feat, loss_rel.
 GOLDEN_TRAIN = [
@@ -80,7 +86,7 @@ def golden_teachers(tmp_path_factory) -> dict[str, list[str]]:
     f, r = root / "f.safetensors", root / "r.safetensors"
     save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_F).state_dict()), str(f))
     save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_R).state_dict()), str(r))
-    out = {"plain": [f"teacher_feature.checkpoint={f}", f"teacher_relation.checkpoint={r}"]}
+    out = {"plain": [f"teachers.feature.checkpoint={f}", f"teachers.relation.checkpoint={r}"]}
     for path in (f, r):
         sd = {k: v * 4.0 if k.endswith("attn.qkv.weight") else v for k, v in load_file(str(path)).items()}
         save_file(sd, str(path.with_name(path.stem + "_sharp.safetensors")))
@@ -109,6 +115,7 @@ def test_trainer_reproduces_the_pinned_first_losses(golden_teachers, fashion_sha
         [
             "experiment=smoke",
             *golden_teachers["plain"],
+            *AVERAGED,
             f"data.train_shards={fashion_shards['train']}",
             f"data.val_shards={fashion_shards['test']}",
             f"run_dir={tmp_path / 'run'}",

@@ -5,8 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.models.checkpoints import CheckpointFormatError
-from pipeline.models.student import Normalize, Student
-from pipeline.models.teacher import Teacher
+from pipeline.models.frozen import Normalize
+from pipeline.models.student import Student
+from pipeline.models.teacher import FINAL, Teacher, TeacherRequest
 from tests.helpers import (
     CLIP_ARCH,
     TINY_CLIP,
@@ -43,22 +44,27 @@ def test_teacher_loads_official_layouts(tmp_path, layout):
     else:
         save_file(dict(ref.state_dict()), str(path))
     cfg = teacher_cfg(path, "auto", arch=arch, kwargs=kwargs)
-    teacher = Teacher(cfg, student_grid=(4, 4), relation_layers=[0, 1], want_cls_attn=True)
+    last = len(ref.blocks) - 1
+    request = TeacherRequest(feature_layers={FINAL}, relation_blocks={0, last}, scores=True)
+    teacher = Teacher(cfg, student_grid=(4, 4), request=request)
     images = uint8_images()
     out = teacher(images)
-    torch.testing.assert_close(out["tokens"], reference_tokens(ref, cfg, images), rtol=1e-4, atol=1e-5)
-    assert set(out["relation_logits"]) == {0, 1}
-    assert out["relation_logits"][0].shape == (2, 2, 17, 17)
-    torch.testing.assert_close(out["cls_attn"].sum(-1) <= 1.0, torch.ones(2, dtype=torch.bool))
+    torch.testing.assert_close(out.features[FINAL], reference_tokens(ref, cfg, images), rtol=1e-4, atol=1e-5)
+    assert set(out.attention) == {0, last}
+    assert out.attention[0].logits.shape == (2, 2, 17, 17)
+    # The scores are the last block's [CLS] attention over the patches: a distribution short of [CLS]'s own share.
+    cls_share = out.attention[last].logits[:, :, 0].softmax(-1)[:, :, 0].mean(1)  # [B]
+    torch.testing.assert_close(out.scores.sum(-1), 1.0 - cls_share)
 
 
 def test_relation_logits_match_explicit_attention(tmp_path):
     ref = random_vit(seed=2)
     save_file(dict(ref.state_dict()), str(tmp_path / "w.safetensors"))
     cfg = teacher_cfg(tmp_path / "w.safetensors")
-    teacher = Teacher(cfg, (4, 4), relation_layers=[0], want_tokens=False)
+    teacher = Teacher(cfg, (4, 4), TeacherRequest(relation_blocks={0}))
     images = uint8_images()
-    got = teacher(images)["relation_logits"][0]
+    assert teacher.run_blocks == [0]  # a relation-only teacher stops after its last relation block
+    got = teacher(images).attention[0].logits
     x = ref.norm_pre(ref._pos_embed(ref.patch_embed(Normalize(cfg.mean, cfg.std)(images))))
     attn = ref.blocks[0].attn
     B, N, _ = x.shape
@@ -77,40 +83,42 @@ def test_wrong_architecture_is_a_clear_error(tmp_path):
         tmp_path / "w.safetensors", kwargs={"patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2}
     )
     with pytest.raises((CheckpointFormatError, RuntimeError)):
-        Teacher(cfg, (4, 4))
+        Teacher(cfg, (4, 4), TeacherRequest(feature_layers={FINAL}))
 
 
 def test_teacher_frozen_by_construction(tmp_path):
     save_file(dict(random_vit().state_dict()), str(tmp_path / "w.safetensors"))
-    teacher = Teacher(
-        teacher_cfg(tmp_path / "w.safetensors"), (4, 4), relation_layers=[1], want_cls_attn=True
-    )
+    request = TeacherRequest(feature_layers={FINAL}, relation_blocks={1}, scores=True)
+    teacher = Teacher(teacher_cfg(tmp_path / "w.safetensors"), (4, 4), request)
     assert not any(p.requires_grad for p in teacher.parameters())
     teacher.train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
     out = teacher(uint8_images())
-    assert not out["tokens"].requires_grad and out["tokens"].grad_fn is None
+    assert not out.features[FINAL].requires_grad and out.features[FINAL].grad_fn is None
 
 
 def test_resize_rule_matches_student_grid(tmp_path):
     # A /8 teacher at 32 px has a 4x4 grid; a /4 student at 32 px has 8x8: resize feeds the teacher 64 px.
     save_file(dict(random_vit().state_dict()), str(tmp_path / "w.safetensors"))
-    teacher = Teacher(teacher_cfg(tmp_path / "w.safetensors", grid_rule="resize"), (8, 8), want_cls_attn=True)
+    request = TeacherRequest(feature_layers={FINAL}, scores=True)
+    teacher = Teacher(teacher_cfg(tmp_path / "w.safetensors", grid_rule="resize"), (8, 8), request)
     out = teacher(uint8_images())
     assert (
-        teacher.input_size == 64 and out["tokens"].shape == (2, 64, 32) and out["cls_attn"].shape == (2, 64)
+        teacher.input_size == 64 and out.features[FINAL].shape == (2, 64, 32) and out.scores.shape == (2, 64)
     )
-    interp = Teacher(teacher_cfg(tmp_path / "w.safetensors", grid_rule="interpolate"), (8, 8))
-    assert interp.input_size == 32 and interp(uint8_images())["tokens"].shape == (2, 64, 32)
+    interp = Teacher(teacher_cfg(tmp_path / "w.safetensors", grid_rule="interpolate"), (8, 8), request)
+    assert interp.input_size == 32 and interp(uint8_images()).features[FINAL].shape == (2, 64, 32)
 
 
 def test_every_student_parameter_gets_a_gradient():
-    student = Student(tiny_student_cfg(), relation_layers=[1, 3], feature_dim=24)
+    student = Student(tiny_student_cfg(), relation_layers=[1, 3], heads={"f": 24})
     keep = torch.tensor([[0, 2, 5, 7, 9], [1, 3, 4, 8, 15]])
     out = student(uint8_images(), keep_idx=keep)
-    assert out["tokens"].shape == (2, 5, 32) and out["features"].shape == (2, 5, 24)
-    assert out["relation_logits"][1].shape == (2, 2, 6, 6)
-    loss = out["features"].pow(2).mean() + sum(v.pow(2).mean() for v in out["relation_logits"].values())
+    assert out["tokens"].shape == (2, 5, 32) and out["features"]["f"].shape == (2, 5, 24)
+    assert out["attention"][1]["logits"].shape == (2, 2, 6, 6)
+    loss = out["features"]["f"].pow(2).mean() + sum(
+        v["logits"].pow(2).mean() for v in out["attention"].values()
+    )
     loss.backward()
     missing = [n for n, p in student.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     # The last block's attention feeds only tokens; every parameter should still receive gradient.
@@ -119,20 +127,20 @@ def test_every_student_parameter_gets_a_gradient():
 
 def test_activation_checkpointing_gives_identical_gradients():
     torch.manual_seed(0)
-    a = Student(tiny_student_cfg(), [1, 2], 16)
-    b = Student(tiny_student_cfg(), [1, 2], 16)
+    a = Student(tiny_student_cfg(), [1, 2], {"f": 16})
+    b = Student(tiny_student_cfg(), [1, 2], {"f": 16})
     b.load_state_dict(a.state_dict())
     b.checkpoint_every = 1
     images, keep = uint8_images(), torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
     for m in (a, b):
         out = m(images, keep_idx=keep)
-        (out["features"].sum() + out["relation_logits"][2].logsumexp(-1).sum()).backward()
+        (out["features"]["f"].sum() + out["attention"][2]["logits"].logsumexp(-1).sum()).backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, msg=n)
 
 
 def test_student_export_keys_are_timm_keys():
-    student = Student(tiny_student_cfg(), [1], 16)
+    student = Student(tiny_student_cfg(), [1], {"f": 16})
     from pipeline.distill import public_state_dict
 
     sd = public_state_dict(student.state_dict())

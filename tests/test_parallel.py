@@ -92,7 +92,7 @@ def runs(tmp_path_factory) -> dict:
     f, r = tmp / "f.safetensors", tmp / "r.safetensors"
     save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_F).state_dict()), str(f))
     save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_R).state_dict()), str(r))
-    base = ["experiment=smoke", f"teacher_feature.checkpoint={f}", f"teacher_relation.checkpoint={r}"]
+    base = ["experiment=smoke", f"teachers.feature.checkpoint={f}", f"teachers.relation.checkpoint={r}"]
     base += ["optim.accum_steps=2", f"train.steps={STEPS}"]
     rd = tmp / "runs"
     a_jobs = [
@@ -235,7 +235,7 @@ def test_trainer_runs_two_ranks_then_resumes_on_one(tmp_path, strategy):
     save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_R).state_dict()), str(r))
     run_dir = tmp_path / "run"
     args = ["experiment=smoke", *STRATEGIES[strategy], f"data.train_shards={shards}", "data.batch_size=4"]
-    args += [f"teacher_feature.checkpoint={f}", f"teacher_relation.checkpoint={r}", f"run_dir={run_dir}"]
+    args += [f"teachers.feature.checkpoint={f}", f"teachers.relation.checkpoint={r}", f"run_dir={run_dir}"]
     args += ["train.ckpt_every=2", "train.log_every=1"]
     two = [
         sys.executable,

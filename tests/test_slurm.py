@@ -94,20 +94,22 @@ def test_dry_run_script_is_what_the_executor_submits(tmp_path: Path) -> None:
 
 
 def test_sweep_expands_to_product_and_keeps_lists_whole() -> None:
-    combos = expand(["experiment=smoke", "seed=0,1", "distill.relation_layers=[1,2]", "teacher/feature=a,b"])
+    combos = expand(
+        ["experiment=smoke", "seed=0,1", "distill.terms.rel.student_layers=[1,2]", "teacher@teachers.feature=a,b"]
+    )
     assert [c.label for c in combos] == [
-        "seed=0,teacher/feature=a",
-        "seed=0,teacher/feature=b",
-        "seed=1,teacher/feature=a",
-        "seed=1,teacher/feature=b",
+        "seed=0,teacher@teachers.feature=a",
+        "seed=0,teacher@teachers.feature=b",
+        "seed=1,teacher@teachers.feature=a",
+        "seed=1,teacher@teachers.feature=b",
     ]
     assert combos[0].overrides == [
         "experiment=smoke",
-        "distill.relation_layers=[1,2]",
+        "distill.terms.rel.student_layers=[1,2]",
         "seed=0",
-        "teacher/feature=a",
+        "teacher@teachers.feature=a",
     ]
-    assert combos[1].dirname == "seed=0,teacher_feature=b"
+    assert combos[1].dirname == "seed=0,teacher_teachers.feature=b"
 
 
 def test_sweep_runs_get_their_own_absolute_run_dirs() -> None:
@@ -222,11 +224,11 @@ def test_only_usr2_requeues(restore_signals, monkeypatch, sig: int, requeued: bo
 
 def test_exception_is_logged_and_propagates(restore_signals, caplog) -> None:
     def run(stop_requested) -> str:
-        raise ConfigError("teacher_feature.checkpoint: file not found: /nope")
+        raise ConfigError("teachers.feature.checkpoint: file not found: /nope")
 
     with pytest.raises(ConfigError):
         slurm_job.run_task(run, max_requeues=3)
-    assert "job failed, not requeued: ConfigError: teacher_feature.checkpoint" in caplog.text
+    assert "job failed, not requeued: ConfigError: teachers.feature.checkpoint" in caplog.text
 
 
 # ---------------------------------------------------------------- real jobs on the local cluster
@@ -254,8 +256,8 @@ def smoke(assets: dict, run_dir: str | Path, *extra: str) -> list[str]:
     root = assets["root"]
     return [
         "experiment=smoke",
-        f"teacher_feature.checkpoint={root / 'feature.safetensors'}",
-        f"teacher_relation.checkpoint={root / 'mae.pth'}",
+        f"teachers.feature.checkpoint={root / 'feature.safetensors'}",
+        f"teachers.relation.checkpoint={root / 'mae.pth'}",
         f"data.train_shards={root / 'shards'}",
         f"run_dir={run_dir}",
         *TWO_RANKS,
@@ -398,17 +400,17 @@ def test_sweep_cli_submits_one_array_job_and_waits(assets, tmp_path, capsys) -> 
 def test_config_error_at_run_time_fails_fast_and_is_not_requeued(assets, tmp_path) -> None:
     # Validation deferred: the checkpoint is missing on the compute node, which only the job can see.
     cfg = load_config(
-        smoke_job(assets, tmp_path / "run", "teacher_feature.checkpoint=/x.pth"), check_files=False
+        smoke_job(assets, tmp_path / "run", "teachers.feature.checkpoint=/x.pth"), check_files=False
     )
     cfg.run_dir = str(tmp_path / "run")
     [j] = submit([cfg], "pytest invalid")
     wait_for(j, 300)
     err = j.exception()
     assert err is not None and reason(err).endswith(
-        "ConfigError: teacher_feature.checkpoint: file not found: /x.pth"
+        "ConfigError: teachers.feature.checkpoint: file not found: /x.pth"
     )
     log = log_paths(j)[1].read_text()
-    assert "job failed, not requeued: ConfigError: teacher_feature.checkpoint: file not found" in log
+    assert "job failed, not requeued: ConfigError: teachers.feature.checkpoint: file not found" in log
     assert "requeued job" not in log
     assert scontrol_job(j.job_id)["Restarts"] == "0"
     deadline = time.monotonic() + 30  # slurmdbd records the end a moment after slurmctld

@@ -3,11 +3,14 @@
 import json
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
+from pipeline.distill.masking import mask_ratio
+from pipeline.optim import lr_at, scaled_lr, warmup_steps
 from pipeline.train import run
 
 
@@ -23,17 +26,20 @@ def test_run_writes_artifacts_and_exports_timm_student(smoke_args):
     assert (rd / "config.yaml").exists() and (rd / "git_revision.txt").exists()
     steps = [s for s, _ in losses(rd)]
     assert steps == list(range(1, cfg.train.steps + 1))
-    record = json.loads((rd / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in (
-        "loss_feat",
-        "loss_rel",
-        "lr",
-        "images_per_s",
-        "teacher_share",
-        "data_wait_share",
-        "mask_ratio",
-    ):
-        assert key in record
+    records = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    peak, warm = scaled_lr(cfg.optim, cfg.data.batch_size), warmup_steps(cfg.optim, cfg.train.steps)
+    for r in records:
+        step = r["step"] - 1  # the record of optimizer step s is written after it, as step s + 1
+        assert r["mask_ratio"] == pytest.approx(mask_ratio(step, cfg.train.steps, cfg.distill.mask), abs=1e-6)
+        assert r["lr"] == pytest.approx(lr_at(step, cfg.train.steps, peak, warm, cfg.optim.min_lr), abs=1e-6)
+        assert r["loss"] == pytest.approx(r["loss_feat"] + r["loss_rel"], abs=2e-6)  # weights 1, 1
+        assert 0 < r["teacher_share"] < 1 and 0 <= r["data_wait_share"] < 1 and r["images_per_s"] > 0
+        # Each term's own gradient norm, every train.term_grad_norm_every (= 2) steps only.
+        has_norms = {"grad_norm_feat", "grad_norm_rel"} <= set(r)
+        assert has_norms == (r["step"] % 2 == 0), r
+        if has_norms:
+            assert r["grad_norm_feat"] > 0 and r["grad_norm_rel"] > 0
+    assert records[-1]["data_samples_seen"] == cfg.train.steps * cfg.data.batch_size
     ckpts = sorted(p.name for p in (rd / "checkpoints").iterdir())
     assert ckpts == ["step_000000004", "step_000000008"] and all(
         (rd / "checkpoints" / c / "COMPLETE").exists() for c in ckpts

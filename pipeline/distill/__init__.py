@@ -1,26 +1,34 @@
-"""Objectives: hybrid distillation (the student) and the teacher-preparation objectives, built from the config."""
+"""Objectives built from the config: distillation (the student) and the teacher-preparation objectives."""
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pipeline.config import RootConfig
 from pipeline.distill.mae import MAEObjective, MaskedAutoencoder
-from pipeline.distill.objective import HybridObjective
+from pipeline.distill.objective import DistillObjective
+from pipeline.distill.plan import default_relation_layers, plan_objective
 from pipeline.distill.supervised import Classifier, SupervisedObjective
-from pipeline.models.geometry import vit_geometry
+from pipeline.distill.terms import FeatureTerm, RelationTerm
+from pipeline.models.geometry import describe
 from pipeline.models.student import Student
-from pipeline.models.teacher import Teacher, map_layers_by_depth
+from pipeline.models.teacher import Teacher
+from pipeline.schema import RootConfig
 
+__all__ = [
+    "Built",
+    "build",
+    "default_relation_layers",
+    "mae_state_dict",
+    "public_state_dict",
+    "resolve_dtype",
+]
 
-def default_relation_layers(depth: int) -> list[int]:
-    """Blocks ending at 1/4, 1/2 and 3/4 of the depth (0-based): intermediate layers, as the paper says."""
-    return sorted({max(0, math.ceil(depth * f) - 1) for f in (0.25, 0.5, 0.75)})
+log = logging.getLogger("pipeline.distill")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -33,76 +41,70 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 @dataclass
 class Built:
     model: nn.Module  # the trainable module (goes to pipeline.parallel)
-    objective: Callable[[nn.Module, dict, int], dict[str, torch.Tensor]]
-    teachers: list[Teacher]  # frozen, never wrapped, never in the optimizer
+    objective: Callable[..., dict[str, torch.Tensor]]  # (model, batch, step, micro) -> named losses
+    teachers: dict[str, Teacher]  # frozen, never wrapped, never in the optimizer
     export: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # full state dict -> public format
 
 
-def build(cfg: RootConfig, device: torch.device, num_classes: int = 0, load_teachers: bool = True) -> Built:
+def build(
+    cfg: RootConfig, device: torch.device, num_classes: int = 0, load_teachers: bool = True, rank: int = 0
+) -> Built:
     d = cfg.distill
-    geo = vit_geometry(cfg.student.arch, cfg.student.img_size, cfg.student.model_kwargs, "student")
     if d.objective == "supervised":
         return Built(
             Classifier(cfg.student, num_classes),
             SupervisedObjective(d.label_smoothing),
-            [],
+            {},
             public_state_dict,
         )
     if d.objective == "mae":
-        obj = MAEObjective(d.mae_mask_ratio, cfg.seed, geo.num_patches, geo.patch)
-        return Built(MaskedAutoencoder(cfg.student, d), obj, [], mae_state_dict)
+        geo = describe(cfg.student.arch, cfg.student.img_size, cfg.student.model_kwargs)
+        obj = MAEObjective(d.mae_mask_ratio, cfg.seed, geo.num_patches, geo.patch, rank)
+        return Built(MaskedAutoencoder(cfg.student, d), obj, {}, mae_state_dict)
 
+    plan = plan_objective(cfg, check_files=False)
+    for note in plan.notes:
+        log.warning(note)
     dtype = resolve_dtype(cfg.train.dtype, device)
-    need_f = d.alpha > 0 or d.mask.score_source == "feature"
-    need_r = d.beta > 0 or d.mask.score_source == "relation"
-    s_layers = list(d.relation_layers) or default_relation_layers(geo.depth)
-    tf = tr = None
-    pairs: list[tuple[int, int]] = []
-    if need_f:
-        tf = Teacher(
-            cfg.teacher_feature,
-            geo.grid,
-            want_tokens=d.alpha > 0,
-            want_cls_attn=d.mask.score_source == "feature",
-            dtype=dtype,
-            load_weights=load_teachers,
+    # Built in config order, before the student: which teachers exist must not change how the student draws
+    # its initial weights relative to earlier runs of the same config.
+    teachers = {
+        name: Teacher(cfg.teachers[name], plan.student.grid, request, dtype, load_weights=load_teachers).to(
+            device
         )
-    if need_r:
-        r_geo = vit_geometry(
-            cfg.teacher_relation.arch,
-            cfg.teacher_relation.img_size,
-            cfg.teacher_relation.model_kwargs,
-            "teacher_relation",
-        )
-        t_layers = list(d.relation_teacher_layers) or map_layers_by_depth(s_layers, geo.depth, r_geo.depth)
-        pairs = list(zip(s_layers, t_layers)) if d.beta > 0 else []
-        tr = Teacher(
-            cfg.teacher_relation,
-            geo.grid,
-            relation_layers=[t for _, t in pairs],
-            want_tokens=False,
-            want_cls_attn=d.mask.score_source == "relation",
-            dtype=dtype,
-            load_weights=load_teachers,
-        )
-    teachers = [t.to(device) for t in (tf, tr) if t is not None]
-    feature_dim = tf.vit.embed_dim if (tf is not None and d.alpha > 0) else None
-    student = Student(cfg.student, [s for s, _ in pairs], feature_dim)
-    objective = HybridObjective(
-        d,
-        tf,
-        tr,
-        pairs,
-        geo.num_patches,
-        student.num_prefix,
+        for name, request in plan.requests.items()
+    }
+    features = [t for t in plan.terms if t.cfg.kind == "features"]
+    relation_blocks = {s for t in plan.terms for s, _ in t.pairs}
+    student = Student(
+        cfg.student,
+        sorted(relation_blocks),
+        heads={t.name: t.head_width for t in features},
+        summary_heads=frozenset(t.name for t in features if t.cfg.class_token),
+    )
+    terms = [
+        FeatureTerm(t) if t.cfg.kind == "features" else RelationTerm(t, student.layout) for t in plan.terms
+    ]
+    objective = DistillObjective(
+        teachers,
+        terms,
+        {t.name: t.cfg.weight for t in plan.terms},
+        d.mask,
+        plan.student.num_patches,
         cfg.train.steps,
         cfg.seed,
+        rank,
+    )
+    log.info(
+        "objective: "
+        + " + ".join(f"{t.cfg.weight:g} x {t.cfg.kind}[{t.name}] of {t.cfg.teacher}" for t in plan.terms)
+        + f"; token scores: {d.mask.score_source}; teachers built: {', '.join(teachers) or 'none'}"
     )
     return Built(student, objective, teachers, public_state_dict)
 
 
 def public_state_dict(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The plain timm ViT's keys (``vit.`` stripped); the distillation head h and anything else is dropped."""
+    """The plain timm ViT's keys (``vit.`` stripped); the distillation heads and anything else are dropped."""
     return {k[len("vit.") :]: v for k, v in full.items() if k.startswith("vit.")}
 
 

@@ -11,9 +11,11 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from pipeline.config import DistillConfig, StudentConfig
+from pipeline.distill.masking import mask_generator
+from pipeline.models.frozen import Normalize
 from pipeline.models.geometry import create_vit
-from pipeline.models.student import Normalize, gather_tokens
+from pipeline.models.student import gather_tokens
+from pipeline.schema import DistillConfig, StudentConfig
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -58,16 +60,18 @@ class MaskedAutoencoder(nn.Module):
 
 
 class MAEObjective:
-    def __init__(self, mask_ratio: float, seed: int, num_patches: int, patch: int):
-        self.mask_ratio, self.seed = mask_ratio, seed
+    def __init__(self, mask_ratio: float, seed: int, num_patches: int, patch: int, rank: int = 0):
+        self.mask_ratio, self.seed, self.rank = mask_ratio, seed, rank
         self.num_patches, self.patch = num_patches, patch
         self.teacher_seconds = 0.0
 
-    def __call__(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, model: nn.Module, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         images = batch["images"]
         B, N = images.shape[0], self.num_patches
         k = max(1, int(round(N * (1 - self.mask_ratio))))
-        gen = torch.Generator(device=images.device).manual_seed(self.seed * 1_000_003 + step)
+        gen = mask_generator(
+            self.seed, step, self.rank, micro, images.device
+        )  # own masks per rank, micro-batch
         noise = torch.rand(B, N, generator=gen, device=images.device)
         keep = noise.argsort(dim=1)[:, :k].sort(dim=1).values  # [B, K], random per sample
         pred = model(images, keep)

@@ -6,11 +6,12 @@ input (not replaced), so its cost falls with the mask ratio.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 
-from pipeline.config import MaskConfig
+from pipeline.schema import MaskConfig
 
 
 def mask_ratio(step: int, total_steps: int, cfg: MaskConfig) -> float:
@@ -35,6 +36,17 @@ def mask_ratio(step: int, total_steps: int, cfg: MaskConfig) -> float:
 def num_kept(num_patches: int, ratio: float) -> int:
     """Patches kept at a mask ratio; at least one."""
     return max(1, int(round(num_patches * (1.0 - ratio))))
+
+
+def mask_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A 64-bit seed that is a pure function of (seed, step, rank, micro-batch) and differs for each of them."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{micro}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def mask_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-batch's random draws (scores, sampled selection, MAE masks)."""
+    return torch.Generator(device=device).manual_seed(mask_seed(seed, step, rank, micro))
 
 
 def random_scores(

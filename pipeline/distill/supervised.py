@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import StudentConfig
+from pipeline.models.frozen import Normalize
 from pipeline.models.geometry import create_vit
-from pipeline.models.student import Normalize
+from pipeline.schema import StudentConfig
 
 
 class Classifier(nn.Module):
@@ -30,7 +30,7 @@ class SupervisedObjective:
         self.label_smoothing = label_smoothing
         self.teacher_seconds = 0.0
 
-    def __call__(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, model: nn.Module, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         logits = model(batch["images"])
         labels = batch["labels"]
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)

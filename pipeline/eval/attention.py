@@ -77,7 +77,7 @@ def attention_statistics(
 
     def reduce(index: int):
         def hook(block: nn.Module, _inputs, _output) -> None:
-            attn = patch_attention(take_tap(block), prefix)  # [b, H, N, N]
+            attn = patch_attention(take_tap(block).logits, prefix)  # [b, H, N, N]
             sums["distance"][index] += attention_distance(attn, dist).sum(0).cpu()
             sums["nmi"][index] += attention_nmi(attn).sum(0).cpu()
 

@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, StudentConfig
 from pipeline.data.loader import DataConfig
-from pipeline.models.checkpoints import FORMATS, load_into
+from pipeline.models.frozen import FrozenModel
 from pipeline.models.geometry import create_vit
-from pipeline.models.student import Normalize
+from pipeline.schema import CHECKPOINT_FORMATS as FORMATS
+from pipeline.schema import IMAGENET_MEAN, IMAGENET_STD, StudentConfig
 
 EXPORT_NAME = "export.safetensors"  # what pipeline.train writes into the run directory at its last step
 POOLS = ("mean", "cls")
@@ -40,35 +38,24 @@ class EncoderSpec:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
 
-class Encoder(nn.Module):
+class Encoder(FrozenModel):
     """uint8 images [B, 3, H, W] -> pooled features [B, D], normalised with the encoder's own mean/std.
 
-    Frozen like a teacher: no parameter requires grad and the module stays in eval mode under ``.train()``.
+    The same frozen wrapper as the teachers (pipeline.models.frozen), so every family a teacher can be loads here.
     """
-
-    def __init__(self, vit: nn.Module, mean: list[float], std: list[float], img_size: int):
-        super().__init__()
-        self.vit, self.normalize, self.img_size = vit, Normalize(mean, std), img_size
-        self.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> Encoder:
-        return super().train(False)
-
-    def prepare(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> normalised float [B, 3, S, S] at the encoder's resolution (bicubic if H != S)."""
-        if images.shape[-1] != self.img_size or images.shape[-2] != self.img_size:
-            size = (self.img_size, self.img_size)
-            images = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True).clamp_(0, 255)
-        return self.normalize(images, dtype)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
-        tokens = self.vit.forward_features(self.prepare(images))  # [B, P + N, D], after the final norm
+        geo = self.backbone.geometry
+        final, _ = self.backbone.run(
+            self.prepare(images), [geo.depth - 1]
+        )  # [B, P + N, D], after the final norm
         if pool == "cls":
-            return tokens[:, 0]
+            return self.backbone.summary(
+                final
+            )  # the class token, or the MAP head's summary where there is none
         if pool == "mean":
-            return tokens[:, self.vit.num_prefix_tokens :].mean(1)  # [B, D], mean over patch tokens
+            return final[:, geo.layout.prefix :].mean(1)  # [B, D], mean over patch tokens
         raise ValueError(f"pool {pool!r} is not one of {', '.join(POOLS)}")
 
 
@@ -113,11 +100,11 @@ def build_encoder(spec: EncoderSpec, device: torch.device | str = "cpu") -> Enco
         raise ValueError(f"format {spec.format!r} is not one of {', '.join(FORMATS)}")
     vit = create_vit(spec.arch, spec.img_size, spec.model_kwargs)  # headless: num_classes=0
     try:
-        load_into(vit, spec.weights, spec.format)
+        encoder = Encoder(vit, spec.mean, spec.std, spec.img_size, checkpoint=spec.weights, fmt=spec.format)
     except RuntimeError as err:  # shape mismatches: the architecture arguments do not describe the file
         last = str(err).strip().splitlines()[-1].strip()
         raise ValueError(f"{spec.weights}: does not fit {spec.arch} {spec.model_kwargs}: {last}") from None
-    return Encoder(vit, spec.mean, spec.std, spec.img_size).to(device)
+    return encoder.to(device)
 
 
 def load_encoder(

@@ -34,7 +34,7 @@ from pipeline.eval.recipe import (
 )
 from pipeline.finetune import FinetuneConfig
 from pipeline.metrics import MetricLogger
-from pipeline.models.student import Normalize
+from pipeline.models.frozen import Normalize
 from pipeline.optim import lr_at
 from pipeline.parallel import parallelize
 from pipeline.parallel.base import Parallel

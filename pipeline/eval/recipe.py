@@ -14,9 +14,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from pipeline.eval.randaugment import RandAugment
-from pipeline.models.checkpoints import read_state_dict, to_timm
+from pipeline.models.checkpoints import read_state_dict, to_backbone_keys
+from pipeline.models.frozen import Normalize
 from pipeline.models.geometry import create_vit
-from pipeline.models.student import Normalize
 
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "reg_token", "dist_token")
 STEM = ("cls_token", "pos_embed", "reg_token", "dist_token", "patch_embed.", "norm_pre.")
@@ -67,7 +67,7 @@ def build_model(
         global_pool=global_pool,
     )
     if weights:
-        sd = to_timm(read_state_dict(weights), fmt, vit)
+        sd = to_backbone_keys(read_state_dict(weights), fmt, vit)
         if global_pool == "avg":
             sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
         try:

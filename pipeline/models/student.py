@@ -1,7 +1,7 @@
-"""The student: a plain timm ViT that sees only the kept tokens, plus the light feature head h.
+"""The student: a plain timm ViT that sees only the kept tokens, plus one light feature head per features term.
 
 Conventions: images are uint8 [B, 3, H, W]; patch indices count row-major over the patch grid, 0..N-1,
-excluding prefix ([CLS]) tokens; ``keep_idx`` [B, K] lists the kept patches, sorted ascending.
+excluding prefix ([CLS], register) tokens; ``keep_idx`` [B, K] lists the kept patches, sorted ascending.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import StudentConfig
 from pipeline.models.attention import TAP_LOGITS, install_taps, take_tap
-from pipeline.models.geometry import create_vit
+from pipeline.models.frozen import Normalize
+from pipeline.models.geometry import create_vit, geometry_of
+from pipeline.schema import StudentConfig
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -20,28 +21,32 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-class Normalize(nn.Module):
-    """uint8 [B, 3, H, W] -> float, normalised with this model's own mean/std (kept as buffers, not weights)."""
-
-    def __init__(self, mean: list[float], std: list[float]):
-        super().__init__()
-        self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("scale", 1.0 / (torch.tensor(std).view(1, 3, 1, 1) * 255), persistent=False)
-
-    def forward(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return ((images.to(dtype) - self.shift.to(dtype)) * self.scale.to(dtype)).contiguous()
-
-
 class Student(nn.Module):
-    """timm VisionTransformer (state-dict keys under ``vit.``) + feature head h (``head.``, dropped at export)."""
+    """timm VisionTransformer (state-dict keys under ``vit.``) + feature heads (``heads.<term>.``, dropped at
+    export)."""
 
-    def __init__(self, cfg: StudentConfig, relation_layers: list[int], feature_dim: int | None):
+    def __init__(
+        self,
+        cfg: StudentConfig,
+        relation_layers: list[int],
+        heads: dict[str, int | None],
+        summary_heads: frozenset[str] = frozenset(),
+    ):
+        """heads: {features term: teacher width (a Linear head) or None (identity)}; summary_heads: the terms
+        that also match the class token."""
         super().__init__()
         self.vit = create_vit(cfg.arch, cfg.img_size, cfg.model_kwargs, drop_path_rate=cfg.drop_path)
         self.normalize = Normalize(cfg.mean, cfg.std)
+        self.layout = geometry_of(self.vit).layout
         self.relation_layers = sorted(relation_layers)
         install_taps(self.vit.blocks, {i: TAP_LOGITS for i in self.relation_layers})
-        self.head = nn.Linear(self.vit.embed_dim, feature_dim) if feature_dim else None
+        self.heads = nn.ModuleDict(
+            {
+                name: nn.Linear(self.vit.embed_dim, width) if width else nn.Identity()
+                for name, width in heads.items()
+            }
+        )
+        self.summary_heads = summary_heads
         self.num_prefix = self.vit.num_prefix_tokens
         self.checkpoint_every = 0  # set by pipeline.parallel: checkpoint every k-th block (0: off)
 
@@ -50,9 +55,10 @@ class Student(nn.Module):
         images: torch.Tensor,
         keep_idx: torch.Tensor | None = None,
         depth_keep: dict[int, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:
-        """Returns tokens [B, K, D] (last layer, after norm), features h(tokens) [B, K, D_t] when a head
-        exists, cls [B, D], and relation_logits {block: [B, H, P+K_l, P+K_l]}.
+    ) -> dict:
+        """Returns tokens [B, K, D] (last layer, after norm), cls [B, D] (None without a class token),
+        features {term: h(tokens) [B, K, D_t]}, summary_features {term: h(cls) [B, D_t]} and attention
+        {block: the fields of an AttentionTap over its [prefix + K_l] tokens, as a dict}.
 
         depth_keep {block: [B, K']} drops more tokens before that block; indices are positions among the patch
         tokens still present at that point (the caller tracks what they mean globally).
@@ -63,7 +69,7 @@ class Student(nn.Module):
         if keep_idx is not None:
             x = torch.cat([x[:, :p], gather_tokens(x[:, p:], keep_idx)], dim=1)
         x = vit.norm_pre(vit.patch_drop(x))
-        logits: dict[int, torch.Tensor] = {}
+        attention = {}
         for i, blk in enumerate(vit.blocks):
             if depth_keep and i in depth_keep:
                 x = torch.cat([x[:, :p], gather_tokens(x[:, p:], depth_keep[i])], dim=1)
@@ -72,14 +78,15 @@ class Student(nn.Module):
             else:
                 x = blk(x)
             if i in self.relation_layers:
-                logits[i] = take_tap(blk)
+                # A plain dict of tensors: FSDP2 and ZeRO-3 hook the tensors of outputs they can traverse.
+                attention[i] = vars(take_tap(blk))
         x = vit.norm(x)
         tokens = x[:, p:]
-        out: dict[str, torch.Tensor | dict[int, torch.Tensor]] = {
+        cls = x[:, 0] if self.layout.cls else None
+        return {
             "tokens": tokens,
-            "cls": x[:, 0],
-            "relation_logits": logits,
+            "cls": cls,
+            "features": {name: head(tokens) for name, head in self.heads.items()},
+            "summary_features": {name: self.heads[name](cls) for name in self.summary_heads},
+            "attention": attention,
         }
-        if self.head is not None:
-            out["features"] = self.head(tokens)
-        return out

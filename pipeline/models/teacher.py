@@ -1,109 +1,126 @@
-"""Frozen teachers: a timm ViT from a local checkpoint that gives the objective what it needs.
+"""Frozen teachers: a timm backbone from a local checkpoint that hands the objective a typed TeacherOutput.
 
-Frozen by construction (DESIGN.md section 4): no parameter requires grad, the module stays in eval mode even under
-``.train()``, and its forward runs without autograd. The trainer keeps teachers outside every parallel wrapper
-and optimizer. Each teacher normalises its own uint8 input with its own mean/std.
+A teacher is built for a ``TeacherRequest`` (the union of what the loss terms and the token scores read of it)
+and runs once per step however many terms read it. Its token layout is data: the output says where its class
+token and registers are, and nothing downstream assumes the student's layout. The trainer keeps teachers outside
+every parallel wrapper and optimizer (frozen by construction: pipeline.models.frozen).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pipeline.config import TeacherConfig
-from pipeline.models.attention import TAP_CLS, TAP_LOGITS, install_taps, take_tap
-from pipeline.models.checkpoints import load_into
-from pipeline.models.geometry import create_vit
-from pipeline.models.student import Normalize
+from pipeline.models.attention import TAP_CLS, TAP_LOGITS, AttentionTap, take_tap
+from pipeline.models.frozen import FrozenModel
+from pipeline.models.geometry import TokenLayout, create_vit, describe
+from pipeline.schema import TeacherConfig
+
+FINAL = -1  # feature layer key of the final tokens (after the final norm)
 
 
-class Teacher(nn.Module):
-    """forward(images uint8 [B, 3, H, W]) -> dict with, as requested at construction:
+@dataclass
+class TeacherRequest:
+    """What the objective reads of one teacher."""
 
-    tokens          [B, N_s, D]            last-layer patch tokens after the final norm, on the student's grid
-    relation_logits {layer: [B, H, P+N, P+N]}  pre-softmax attention logits of the chosen blocks
-    cls_attn        [B, N]                 [CLS]->patch attention of the last block, mean over heads
-    """
+    feature_layers: set[int] = field(default_factory=set)
+    """FINAL and/or block indices whose patch tokens are read."""
+    summary: bool = False
+    """The class token (or MAP-pooled summary) after the final norm."""
+    relation_blocks: set[int] = field(default_factory=set)
+    """Blocks whose attention (logits, Q, K, V) is read."""
+    scores: bool = False
+    """Redundancy scores of the patches (the token-score source)."""
+
+
+@dataclass
+class TeacherOutput:
+    layout: TokenLayout
+    """The teacher's own token layout: attention taps index its tokens with it."""
+    features: dict[int, torch.Tensor]
+    """{layer: [B, N_s, D]} patch tokens on the student's grid (FINAL: after the final norm)."""
+    summary: torch.Tensor | None
+    """[B, D] class token, or MAP-pooled summary, after the final norm."""
+    attention: dict[int, AttentionTap]
+    """{block: tap} in the teacher's own token order (on the student's grid: relation terms need resize)."""
+    scores: torch.Tensor | None
+    """[B, N_s] redundancy scores (higher: keep), on the student's grid."""
+
+
+class Teacher(FrozenModel):
+    """forward(images uint8 [B, 3, H, W]) -> TeacherOutput with what the request asked for."""
 
     def __init__(
         self,
         cfg: TeacherConfig,
         student_grid: tuple[int, int],
-        relation_layers: list[int] = (),
-        want_tokens: bool = True,
-        want_cls_attn: bool = False,
+        request: TeacherRequest,
         dtype: torch.dtype = torch.float32,
         load_weights: bool = True,
     ):
-        super().__init__()
+        native = describe(cfg.arch, cfg.img_size, cfg.model_kwargs)
+        # resize: run at (student grid x teacher patch) pixels so that the grids coincide.
+        resize = cfg.grid_rule == "resize" and native.grid != tuple(student_grid)
+        input_size = student_grid[0] * native.patch if resize else cfg.img_size
+        super().__init__(
+            create_vit(cfg.arch, input_size, cfg.model_kwargs),
+            cfg.mean,
+            cfg.std,
+            input_size,
+            checkpoint=cfg.checkpoint if load_weights else None,
+            fmt=cfg.format,
+            dtype=dtype,
+        )
         self.cfg = cfg
         self.student_grid = tuple(student_grid)
-        patch = _patch_size(cfg)
-        native_grid = (cfg.img_size // patch, cfg.img_size // patch)
-        # resize: run at (student grid x teacher patch) pixels so that the grids coincide.
-        self.input_size = (
-            self.student_grid[0] * patch
-            if cfg.grid_rule == "resize" and native_grid != self.student_grid
-            else cfg.img_size
-        )
-        self.vit = create_vit(cfg.arch, self.input_size, cfg.model_kwargs)
-        if load_weights:
-            load_into(self.vit, cfg.checkpoint, cfg.format)
-        self.normalize = Normalize(cfg.mean, cfg.std)
-        self.relation_layers = sorted(relation_layers)
-        self.want_tokens, self.want_cls_attn = want_tokens, want_cls_attn
-        depth = len(self.vit.blocks)
-        taps = {i: TAP_LOGITS for i in self.relation_layers}
-        if want_cls_attn:
-            taps.setdefault(depth - 1, TAP_CLS)
-        install_taps(self.vit.blocks, taps)
+        self.request = request
+        geo = self.backbone.geometry
+        self.layout = geo.layout
+        taps = {i: TAP_LOGITS for i in request.relation_blocks}
+        if request.scores and geo.layout.cls:
+            taps.setdefault(geo.depth - 1, TAP_CLS)
+        self.backbone.install_taps(taps)
         # Blocks past the deepest one needed are never run (an MAE relation teacher often stops early).
-        self.run_depth = depth if (want_tokens or want_cls_attn) else max(self.relation_layers) + 1
-        self.compute_dtype = dtype
-        self.requires_grad_(False)
-        self.to(dtype)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> Teacher:
-        return super().train(False)  # frozen: dropout / drop-path never active
+        needs_final = request.summary or request.scores or FINAL in request.feature_layers
+        blocks = request.relation_blocks | (request.feature_layers - {FINAL})
+        self.run_blocks = sorted(blocks | {geo.depth - 1} if needs_final else blocks)
 
     @property
     def grid(self) -> tuple[int, int]:
-        return tuple(self.vit.patch_embed.grid_size)
+        return self.backbone.geometry.grid
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> dict:
-        vit, p = self.vit, self.vit.num_prefix_tokens
-        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
-            x = F.interpolate(images.float(), size=(self.input_size,) * 2, mode="bicubic", antialias=True)
-            x = self.normalize(x.clamp_(0, 255), self.compute_dtype)
-        else:
-            x = self.normalize(images, self.compute_dtype)
-        device_type = images.device.type
-        out: dict = {"relation_logits": {}}
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
+        req, layout, blocks = self.request, self.layout, self.vit.blocks
+        x = self.prepare(images)
         with torch.autocast(
-            device_type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32
+            images.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32
         ):
-            x = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
-            for i in range(self.run_depth):
-                blk = vit.blocks[i]
-                x = blk(x)
-                if i in self.relation_layers:
-                    out["relation_logits"][i] = take_tap(blk).float()
-            if self.want_cls_attn:
-                last = vit.blocks[-1]
-                tapped = (
-                    take_tap(last)
-                    if last.attn.tap == TAP_CLS
-                    else out["relation_logits"][len(vit.blocks) - 1][:, :, 0]
-                )
-                out["cls_attn"] = tapped.float().softmax(-1)[:, :, p:].mean(1)  # [B, N]
-            if self.want_tokens:
-                out["tokens"] = self._to_student_grid(vit.norm(x)[:, p:].float())
-        return out
+            final, outputs = self.backbone.run(x, self.run_blocks)
+            attention = {i: take_tap(blocks[i]) for i in sorted(req.relation_blocks)}
+            features = {i: self._to_student_grid(outputs[i].float()) for i in req.feature_layers - {FINAL}}
+            if FINAL in req.feature_layers:
+                features[FINAL] = self._to_student_grid(final[:, layout.prefix :].float())
+            summary = self.backbone.summary(final).float() if req.summary else None
+            scores = self._scores(final, attention) if req.scores else None
+        return TeacherOutput(layout, features, summary, attention, scores)
+
+    def _scores(self, final: torch.Tensor, attention: dict[int, AttentionTap]) -> torch.Tensor:
+        """[CLS]->patch attention of the last block (mean over heads), or the MAP probe's; on the student grid."""
+        if not self.layout.cls:
+            scores = self.backbone.probe_scores(final)
+        else:
+            last = len(self.vit.blocks) - 1
+            tap = attention[last] if last in attention else take_tap(self.vit.blocks[last])
+            probs = tap.first_row().float().softmax(-1)  # [B, H, P + N] over every key, registers included
+            scores = probs[:, :, self.layout.prefix :].mean(1)  # [B, N]: registers are never scored
+        if self.grid == self.student_grid:
+            return scores
+        grid = scores.reshape(-1, 1, *self.grid)
+        return F.interpolate(grid, size=self.student_grid, mode="bilinear", align_corners=False).flatten(1)
 
     def _to_student_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, N_t, D] -> [B, N_s, D]; bilinear over the token grid when the grids differ (interpolate rule)."""
@@ -113,12 +130,6 @@ class Teacher(nn.Module):
         grid = tokens.transpose(1, 2).reshape(B, D, *self.grid)
         grid = F.interpolate(grid, size=self.student_grid, mode="bilinear", align_corners=False)
         return grid.flatten(2).transpose(1, 2)
-
-
-def _patch_size(cfg: TeacherConfig) -> int:
-    with torch.device("meta"):
-        vit = create_vit(cfg.arch, cfg.img_size, cfg.model_kwargs)
-    return int(vit.patch_embed.patch_size[0])
 
 
 def map_layers_by_depth(student_layers: list[int], student_depth: int, teacher_depth: int) -> list[int]:

@@ -40,6 +40,11 @@ class Parallel:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
+    def whole_parameters(self) -> list[torch.Tensor] | None:
+        """The trainable parameters as the forward uses them, where each rank holds them whole (for per-term
+        gradient norms); None where the strategy shards them."""
+        return None
+
     def step(self, clip_grad: float) -> float:
         """Clip (when clip_grad > 0), update, zero the grads; returns the global gradient norm before clipping."""
         raise NotImplementedError

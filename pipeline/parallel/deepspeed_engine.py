@@ -96,6 +96,10 @@ class DeepSpeedZero(Parallel):
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer divided by accum already
         self.engine.step()  # a no-op until the accum-th micro-batch, then clip + update + zero grads
 
+    def whole_parameters(self) -> list[torch.Tensor] | None:
+        # ZeRO-1/2 partition the optimizer state and gradients, not the parameters; ZeRO-3 partitions those too.
+        return [p for p in self.plain.parameters() if p.requires_grad] if self.stage < 3 else None
+
     def step(self, clip_grad: float) -> float:
         # clip_grad is in the engine's config (gradient_clipping = optim.clip_grad); the update already happened.
         assert self.engine.micro_steps % self.accum == 0, "step() without accum_steps backward() calls"

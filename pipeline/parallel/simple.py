@@ -36,6 +36,9 @@ class Replicated(Parallel):
     def forward_context(self) -> contextlib.AbstractContextManager:
         return autocast_unless_fp32(self.device, self.dtype)
 
+    def whole_parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.plain.parameters() if p.requires_grad]
+
     def step(self, clip_grad: float) -> float:
         params = [p for p in self.plain.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
