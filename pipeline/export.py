@@ -5,9 +5,11 @@ distillation head h, MAE decoder keys and a supervised teacher's classifier are 
 beside it (timm's Hugging Face layout: architecture, model_args, pretrained_cfg with the input mean/std), so either
 
     timm.create_model("local-dir:RUN_DIR/timm", pretrained=True)                 # headless, strict load
-    timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=FILE), num_classes=0, **model_args)
+    timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=FILE, custom_load=False),
+                      num_classes=0, **model_args)
 
-gives the trained encoder; pass num_classes=K for a fresh K-way head on top (what fine-tuning does).
+gives the trained encoder (custom_load=False: an architecture's default tag may name a JAX .npz loader, which
+timm before 1.0.31 keeps for an overlaid file); pass num_classes=K for a fresh K-way head on top (what fine-tuning does).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any
 
 import torch
 
+from pipeline import rundir
 from pipeline.checkpoint import save_safetensors
 from pipeline.config import StudentConfig
-from pipeline.eval.encoder import EXPORT_NAME, read_run_config
+from pipeline.eval.encoder import read_run_config
 from pipeline.models.checkpoints import read_state_dict, to_backbone_keys
 from pipeline.models.geometry import create_vit
 
@@ -58,7 +61,7 @@ def timm_config(student: StudentConfig, num_features: int, crop_pct: float = 0.8
 def encoder_state_dict(run_dir: str | Path) -> tuple[StudentConfig, dict[str, torch.Tensor]]:
     """The run's architecture and its headless timm state dict, complete (checked by a strict load)."""
     student, _ = read_run_config(run_dir)
-    path = Path(run_dir) / EXPORT_NAME
+    path = Path(run_dir) / rundir.EXPORT
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; the trainer writes it after the run's last step")
     vit = create_vit(student.arch, student.img_size, student.model_kwargs)  # num_classes=0: no head
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if weights.name == WEIGHTS_NAME:
         print(f'  timm.create_model("local-dir:{weights.parent}", pretrained=True)')
     print(
-        f'  timm.create_model("{cfg["architecture"]}", pretrained=True, pretrained_cfg_overlay=dict(file="{weights}"), {kwargs})'
+        f'  timm.create_model("{cfg["architecture"]}", pretrained=True, pretrained_cfg_overlay=dict(file="{weights}", custom_load=False), {kwargs})'
     )
     print(
         f"  inputs: RGB in [0, 1], normalised with mean {cfg['pretrained_cfg']['mean']} std {cfg['pretrained_cfg']['std']}"
