@@ -114,7 +114,7 @@ def worker(spec: dict) -> None:
         with par.forward_context():
             loss = built.objective(par.model, {"images": images}, step)["loss"]
         par.backward(loss)
-        par.step(cfg.optim.clip_grad)
+        par.step()
         times.append(time.perf_counter() - t0)
         losses.append(all_mean(float(loss.detach())))
     result = {

@@ -1,14 +1,19 @@
-"""One training step of the real hybrid objective on one GPU: images/s, MFU, teacher share, peak memory.
+"""Training steps of the real hybrid objective on one GPU, through the product's loop: images/s, MFU, host
+syncs per step, teacher share, peak memory, eager and compiled, at keep ratios 1.0 / 0.75 / 0.5.
 
     python benchmarks/gpu_step.py                 # H100: ViT-B student, CLIP-B + MAE-B teachers, bf16, batch 128
     python benchmarks/gpu_step.py --smoke         # tiny sizes on CPU, seconds: checks that the script runs
 
-Teachers have random weights (load_weights=False): speed depends on the architecture only, and nothing is
-downloaded. MFU = model FLOPs per step (counted once per keep ratio by torch's FlopCounterMode on a step without
-activation checkpointing: teachers' forwards + the student's forward and backward) / step time / the bf16 matmul
-peak measured here (a large torch.matmul), so it is relative to what this card actually reaches. Each
-configuration runs in try/except (an OOM is recorded, not fatal) and the run stops starting new ones once
---budget-s has passed, so one call surely fits its slot. Output: a table on stdout and $OUT/gpu_step.json.
+Each configuration runs pipeline.loop.TrainLoop.train_step (what pipeline.train runs) on one fixed batch, with
+no log step inside the timed steps; the time is the wall time of all timed steps, read after one final sync, so
+the steps run as they do in training: without a host sync. Host syncs per step are counted on one untimed step
+(pipeline.metrics.HostTransfers); the target is 0. Teachers have random weights (no checkpoint files): speed
+depends on the architecture only. MFU = model FLOPs per step (counted once per keep ratio by torch's
+FlopCounterMode on an eager step without activation checkpointing: teachers' forwards + the student's forward
+and backward) / step time / the bf16 matmul peak measured here. Compiled configurations warm up past every
+recompile; a recompile inside the timed steps would show as a slower row. Each configuration runs in
+try/except (an OOM is recorded, not fatal) and none starts once --budget-s has passed. Output: a table on
+stdout and $OUT/gpu_step.json.
 """
 
 from __future__ import annotations
@@ -26,19 +31,20 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from pipeline.config import RootConfig, load_config, validate  # noqa: E402
-from pipeline.distill import build  # noqa: E402
-from pipeline.parallel import parallelize  # noqa: E402
+from pipeline.metrics import HostTransfers  # noqa: E402
 from pipeline.parallel.dist import DistInfo  # noqa: E402
+from pipeline.train import prepare  # noqa: E402
 
 TINY = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2}
-# (name, keep ratio, activation checkpointing every k blocks, torch.compile the student blocks)
+# (name, keep ratio, activation checkpointing every k blocks, torch.compile the student and teacher blocks)
 CONFIGS = [
     ("keep1.0", 1.0, 0, False),
+    ("keep0.75", 0.75, 0, False),
     ("keep0.5", 0.5, 0, False),
-    ("keep1.0_ac", 1.0, 1, False),
-    ("keep0.5_ac", 0.5, 1, False),
     ("keep1.0_compile", 1.0, 0, True),
+    ("keep0.75_compile", 0.75, 0, True),
     ("keep0.5_compile", 0.5, 0, True),
+    ("keep1.0_ac", 1.0, 1, False),
 ]
 
 
@@ -60,7 +66,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, iters: int) ->
     return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
-def make_config(args, keep: float, ac: int, compile_: bool) -> RootConfig:
+def make_config(args, keep: float, ac: int, compile_: bool, run_dir: str) -> RootConfig:
     cfg = load_config(
         [
             "student=vit_base",
@@ -72,6 +78,10 @@ def make_config(args, keep: float, ac: int, compile_: bool) -> RootConfig:
             "distill.mask.schedule=constant",
             f"distill.mask.start_ratio={1.0 - keep}",
             f"data.batch_size={args.batch}",
+            "train.steps=1000000",
+            "train.log_every=1000000",  # no log step inside the timed steps
+            "train.term_grad_norm_every=0",
+            f"run_dir={run_dir}",
         ],
         check_files=False,
     )
@@ -83,42 +93,51 @@ def make_config(args, keep: float, ac: int, compile_: bool) -> RootConfig:
     return cfg
 
 
-def one_step(built, par, images: torch.Tensor) -> tuple[float, float]:
-    """One optimizer step; returns (seconds, teacher seconds)."""
-    device = images.device
-    sync(device)
-    t0 = time.perf_counter()
-    with par.forward_context():
-        losses = built.objective(par.model, {"images": images}, 0)
-    par.backward(losses["loss"])
-    par.step(1.0)
-    sync(device)
-    return time.perf_counter() - t0, built.objective.teacher_seconds
+class OneBatch:
+    """The loop's data source here: the same uint8 batch forever (the loader is benchmarked apart)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __iter__(self):
+        while True:
+            yield {"images": self.images}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def run_config(args, name, keep, ac, compile_, device, flops_cache) -> dict:
-    cfg = make_config(args, keep, ac, compile_)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    built = build(cfg, device, load_teachers=False)
-    par = parallelize(built.model, cfg, device, dtype, DistInfo())
-    built.model.train()
-    size = cfg.student.img_size
-    images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
-    if keep not in flops_cache and ac == 0 and not compile_:
-        with FlopCounterMode(display=False) as counter:
-            one_step(built, par, images)
-        flops_cache[keep] = counter.get_total_flops()
-    for _ in range(args.warmup):  # also compiles, when asked
-        one_step(built, par, images)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, teacher = [], []
-    for _ in range(args.steps):
-        dt, tt = one_step(built, par, images)
-        times.append(dt)
-        teacher.append(tt)
-    step_s = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = make_config(args, keep, ac, compile_, run_dir)
+        size = cfg.student.img_size
+        images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
+        loop = prepare(cfg, DistInfo(), device, data=OneBatch(images), load_teachers=False)
+        loop.resume()
+        loop.par.plain.train()
+        if keep not in flops_cache and ac == 0 and not compile_:
+            with FlopCounterMode(display=False) as counter:
+                loop.train_step()
+            flops_cache[keep] = counter.get_total_flops()
+        for _ in range(args.warmup):  # also compiles, when asked
+            loop.train_step()
+        with HostTransfers() as transfers:
+            loop.train_step()
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        loop.task.teacher_timer.take()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loop.train_step()
+        sync(device)
+        step_s = (time.perf_counter() - t0) / args.steps
+        teacher_s = loop.task.teacher_timer.take() / args.steps
     flops = flops_cache.get(keep, float("nan"))
     return {
         "config": name,
@@ -127,9 +146,10 @@ def run_config(args, name, keep, ac, compile_, device, flops_cache) -> dict:
         "compile": compile_,
         "step_s": step_s,
         "images_per_s": args.batch / step_s,
+        "host_syncs_per_step": len(transfers.take()),
         "model_tflop_per_step": flops / 1e12,
         "achieved_tflop_s": flops / step_s / 1e12,
-        "teacher_share": sum(teacher) / sum(times),
+        "teacher_share": teacher_s / step_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda"
         else float("nan"),
@@ -196,14 +216,18 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'config':<18}{'img/s':>9}{'step ms':>10}{'TFLOP/step':>12}{'TFLOP/s':>10}{'MFU':>8}{'teacher':>9}{'peak GiB':>10}"
+    head = (
+        f"{'config':<18}{'img/s':>9}{'step ms':>10}{'syncs':>7}{'TFLOP/step':>12}{'TFLOP/s':>10}{'MFU':>8}"
+        f"{'teacher':>9}{'peak GiB':>10}"
+    )
     print(head)
     for r in rows:
         if "error" in r:
             print(f"{r['config']:<18}{r['error']}")
             continue
         print(
-            f"{r['config']:<18}{r['images_per_s']:>9.1f}{r['step_s'] * 1e3:>10.1f}{r['model_tflop_per_step']:>12.4f}"
+            f"{r['config']:<18}{r['images_per_s']:>9.1f}{r['step_s'] * 1e3:>10.1f}{r['host_syncs_per_step']:>7}"
+            f"{r['model_tflop_per_step']:>12.4f}"
             f"{r['achieved_tflop_s']:>10.2f}{r['mfu']:>8.1%}{r['teacher_share']:>9.1%}{r['peak_mem_gib']:>10.2f}"
         )
 

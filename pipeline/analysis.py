@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline import rundir
 from pipeline.data.loader import DataConfig, ShardLoader  # noqa: E402
 from pipeline.eval.attention import attention_statistics  # noqa: E402
 from pipeline.eval.encoder import Encoder, load_encoder, read_run_config  # noqa: E402
@@ -203,12 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             "Attention NMI per head",
         ),
     }
-    curves = {n: path / "metrics.jsonl" for n, path in runs.items() if (path / "metrics.jsonl").is_file()}
+    curves = {n: path / rundir.METRICS for n, path in runs.items() if (path / rundir.METRICS).is_file()}
     if curves:
         plots["Training curves"] = plot_training_curves(curves, out / "training_curves.png")
     rows = []
     for name, path in runs.items():
-        ev = json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() else {}
+        ev = json.loads((path / rundir.EVAL).read_text()) if (path / rundir.EVAL).is_file() else {}
         rows.append(
             {
                 "model": name,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pipeline import rundir
 from pipeline.parallel.base import Parallel
 from pipeline.parallel.dist import barrier
 
@@ -49,13 +50,13 @@ def set_rng_state(state: dict) -> None:
 
 class Checkpointer:
     def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = Path(run_dir) / rundir.CHECKPOINTS
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
         self.root.mkdir(parents=True, exist_ok=True)
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        found = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and (p / "COMPLETE").exists()]
+        found = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and (p / rundir.COMPLETE).exists()]
         return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
@@ -77,7 +78,7 @@ class Checkpointer:
             if final.exists():  # a re-save of the same step (e.g. the final one after a resume)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            (final / "COMPLETE").write_text("ok\n")
+            (final / rundir.COMPLETE).write_text("ok\n")
             self._prune()
         barrier()
         return final

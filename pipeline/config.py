@@ -86,6 +86,20 @@ def config_or_none(load: Callable[[list[str]], T], argv: list[str]) -> T | None:
         return None
 
 
+def run_cli(load: Callable[[list[str]], T], run: Callable[[T], object], argv: list[str]) -> int:
+    """A command line's main: load and validate, then run; a ConfigError from either (some only show once the
+    ranks are up, e.g. parallel.strategy=none on several) prints one line and exits 2."""
+    cfg = config_or_none(load, argv)
+    if cfg is None:
+        return 2
+    try:
+        run(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def validate_parallel(p: ParallelConfig) -> None:
     """The `parallel` group's checks, shared by pretraining and fine-tuning."""
     one_of(p.strategy, "parallel.strategy", ("none", "ddp", "fsdp", "deepspeed"))
@@ -109,6 +123,7 @@ def validate(cfg: RootConfig, check_files: bool = True) -> None:
     require(t.steps >= 1, "train.steps", "must be >= 1")
     require(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
     require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    require(t.stop_check_every >= 0, "train.stop_check_every", "must be >= 0")
     require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     require(
         t.term_grad_norm_every >= 0 and t.term_grad_norm_every % t.log_every == 0,

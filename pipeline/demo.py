@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import rundir
+from shards.manifest import MANIFEST_NAME
+
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -26,6 +29,7 @@ class Stage:
     run_dir: Path
     kind: str = "train"  # train | convert | finetune
     result: dict = field(default_factory=dict)
+    label: str = ""  # what the report calls it (ablations)
 
 
 FINETUNED = ("teacher_supervised", "teacher_mae", "hybrid", "feature_only", "relation_only")
@@ -53,7 +57,8 @@ def stages(
     cut = ["--limit", str(limit)] if limit else []
 
     def train(name: str, overrides: list[str]) -> Stage:
-        return Stage(name, [*overrides, f"name=demo/{name}", f"run_dir={root / name}"], root / name)
+        overrides = [*overrides, f"name=demo/{name}", f"run_dir={root / name}"]
+        return Stage(name, overrides, root / name, label=ABLATIONS.get(name, ""))
 
     def finetune(name: str) -> Stage:
         out = root / "finetune" / name
@@ -79,7 +84,9 @@ def banner(msg: str) -> None:
 
 
 def run_stage(stage: Stage) -> None:
-    marker = {"convert": "manifest.json", "train": "summary.json", "finetune": "finetune.json"}[stage.kind]
+    marker = {"convert": MANIFEST_NAME, "train": rundir.SUMMARY, "finetune": rundir.FINETUNE_RESULT}[
+        stage.kind
+    ]
     done_marker = stage.run_dir / marker
     if done_marker.exists():
         print(f"[demo] {stage.name}: done earlier, reused ({done_marker})", flush=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from pipeline import rundir
 from pipeline.analysis import (
     analyze_encoder,
     first_images,
@@ -17,7 +18,6 @@ from pipeline.analysis import (
     write_report,
 )
 from pipeline.data.loader import DataConfig, ShardLoader
-from pipeline.demo import ABLATIONS
 from pipeline.eval.encoder import Encoder, load_encoder, read_run_config
 from pipeline.eval.probes import knn_accuracy, linear_probe
 from pipeline.evaluate import extract_features
@@ -53,7 +53,7 @@ def evaluate_all(root: Path, plan: list, knn_train: int) -> list[dict[str, Any]]
     """k-NN (k=20, T=0.07) and a linear probe on frozen features: knn_train train images vs the full test split."""
     walls = {s.name: s.result.get("wall_s") for s in plan}
     rows = []
-    ablations = [(s.name, ABLATIONS[s.name]) for s in plan if s.name in ABLATIONS]
+    ablations = [(s.name, s.label) for s in plan if s.name.startswith("ablate_")]
     for name, label in [*MODELS, *ablations, ("random_init", "untrained network (random init)")]:
         t0 = time.perf_counter()
         encoder = random_encoder(root) if name == "random_init" else load_encoder(root / name)
@@ -64,7 +64,7 @@ def evaluate_all(root: Path, plan: list, knn_train: int) -> list[dict[str, Any]]
         knn = knn_accuracy(train_f, train_y, test_f, test_y, k=20, temperature=0.07, num_classes=10)
         probe = linear_probe(train_f, train_y, test_f, test_y, epochs=30, lr=0.1, num_classes=10)
         summary = _summary(root / name)
-        ft_path = root / "finetune" / name / "finetune.json"
+        ft_path = root / "finetune" / name / rundir.FINETUNE_RESULT
         finetuned = json.loads(ft_path.read_text())["val_top1"] if ft_path.exists() else None
         rows.append(
             {
@@ -83,7 +83,7 @@ def evaluate_all(root: Path, plan: list, knn_train: int) -> list[dict[str, Any]]
 
 
 def _summary(run_dir: Path) -> dict | None:
-    path = run_dir / "summary.json"
+    path = run_dir / rundir.SUMMARY
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -103,7 +103,7 @@ def attention_plots(root: Path) -> dict[str, Path]:
         {k: v["distance"] for k, v in stats.items()}, root / "attention_distance.png"
     )
     curves = plot_training_curves(
-        {run: root / run / "metrics.jsonl" for run in ("hybrid", "feature_only", "relation_only")},
+        {run: root / run / rundir.METRICS for run in ("hybrid", "feature_only", "relation_only")},
         root / "training_curves.png",
     )
     return {"Average attention distance per head and layer": dist, "Training curves of the students": curves}
@@ -115,7 +115,7 @@ def write_demo_report(root: Path, plan: list, rows: list[dict], args, total_s: f
         f"| {s.name} | {'reused' if s.result.get('reused') else _fmt_s(s.result.get('wall_s'))} |"
         for s in plan
     )
-    cfg_path = root / "hybrid" / "config.yaml"
+    cfg_path = root / "hybrid" / rundir.CONFIG
     n_train, n_test = (read_manifest(root / f"shards/{split}")["num_samples"] for split in ("train", "test"))
     img_size = read_run_config(root / "hybrid")[0].img_size
     notes = "\n".join(

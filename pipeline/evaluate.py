@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline import rundir
 from pipeline.data.loader import DataConfig, ShardLoader
 from pipeline.eval.encoder import POOLS, Encoder, load_encoder, read_run_config
 from pipeline.eval.probes import knn_accuracy, linear_probe
@@ -131,7 +132,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     train_dir = _check_shards(args.train_shards or data.train_shards, "--train-shards")
     val_dir = _check_shards(args.val_shards or data.val_shards, "--val-shards")
     workers = args.num_workers if args.num_workers is not None else (data.num_workers if args.run else 4)
-    cfg = DataConfig(img_size=encoder.input_size, batch_size=args.batch_size, num_workers=workers, mode="epoch")
+    cfg = DataConfig(
+        img_size=encoder.input_size, batch_size=args.batch_size, num_workers=workers, mode="epoch"
+    )
     t0 = time.perf_counter()
     # train=False for both splits: resize + centre crop, manifest order, every sample once (no augmentation)
     train_loader = ShardLoader(cfg, train_dir, train=False)
@@ -178,7 +181,7 @@ def default_out(args: argparse.Namespace) -> Path:
     if args.out:
         return Path(args.out)
     if args.run:
-        return Path(args.run) / "eval.json"
+        return Path(args.run) / rundir.EVAL
     return Path(args.checkpoint).with_suffix(".eval.json")
 
 

@@ -7,14 +7,15 @@ This module imports nothing heavy, so every part of the project can type its inp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
-
-from pipeline.data.loader import DataConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 CHECKPOINT_FORMATS = ("auto", "timm", "mae", "clip", "open_clip", "dinov2", "eva")
+DATA_MODES = ("resampled", "epoch")
+DATA_READERS = ("indexed", "webdataset")
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,86 @@ def require(cond: bool, key: str, msg: str) -> None:
 
 def one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class DataConfig:
+    """Streaming loader settings (the `data` group of the root config)."""
+
+    train_shards: str = ""
+    """Directory holding manifest.json and the training shards (docs/shard-format.md)."""
+    val_shards: str = ""
+    """Optional directory of evaluation shards; empty means no evaluation set."""
+    img_size: int = 224
+    """Side of the square images in a batch (pixels)."""
+    batch_size: int = 64
+    """Images per batch, per rank."""
+    num_workers: int = 8
+    """DataLoader worker processes per rank; 0 decodes in the main process (tests, debugging)."""
+    mode: str = "resampled"
+    """"resampled": endless passes, each reshuffled with a new epoch seed; "epoch": each sample once per epoch."""
+    seed: int = 0
+    """Seeds shard order, sample order and augmentation (all pure functions of seed and position)."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area fraction range (MAE recipe: 0.2-1.0)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio range (torchvision default)."""
+    hflip: bool = True
+    """Random horizontal flip with probability 0.5 (training only)."""
+    eval_crop_fraction: float = 0.875
+    """Evaluation: resize the shorter side to img_size / fraction, then centre-crop (ImageNet: 0.875)."""
+    max_bad_sample_rate: float = 0.01
+    """Stop when undecodable samples exceed this fraction of those seen on a rank."""
+    bad_rate_min_samples: int = 100
+    """Samples a rank must have seen before max_bad_sample_rate is enforced (one early bad file is no rate)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (ignored when num_workers is 0)."""
+    pin_memory: bool = True
+    """Pin batches for faster host-to-GPU copies; applies only when CUDA is available."""
+    reader: str = "indexed"
+    """Shard reader, same batches either way: "indexed" (random reads of single images; local disks, page
+    cache, parallel file systems) or "webdataset" (one sequential pass per segment, images held in memory;
+    file systems without client caching, where many small random reads are slow)."""
+
+    def __post_init__(self) -> None:
+        # Hydra/OmegaConf hand tuples over as lists
+        self.crop_scale = tuple(float(x) for x in self.crop_scale)
+        self.crop_ratio = tuple(float(x) for x in self.crop_ratio)
+        one_of(self.mode, "data.mode", DATA_MODES)
+        one_of(self.reader, "data.reader", DATA_READERS)
+        checks = [
+            (self.img_size > 0, "data.img_size", f"must be positive, got {self.img_size}"),
+            (
+                0 < self.eval_crop_fraction <= 1,
+                "data.eval_crop_fraction",
+                f"must be in (0, 1], got {self.eval_crop_fraction}",
+            ),
+            (self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}"),
+            (self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}"),
+            (
+                self.prefetch_factor > 0,
+                "data.prefetch_factor",
+                f"must be positive, got {self.prefetch_factor}",
+            ),
+            (
+                _is_range(self.crop_scale, 0.0, 1.0),
+                "data.crop_scale",
+                f"needs 0 < lo <= hi <= 1: {self.crop_scale}",
+            ),
+            (
+                _is_range(self.crop_ratio, 0.0, math.inf),
+                "data.crop_ratio",
+                f"needs 0 < lo <= hi: {self.crop_ratio}",
+            ),
+            (0.0 <= self.max_bad_sample_rate <= 1.0, "data.max_bad_sample_rate", "must be in [0, 1]"),
+            (self.bad_rate_min_samples >= 1, "data.bad_rate_min_samples", "must be >= 1"),
+        ]
+        for ok, key, why in checks:
+            require(ok, key, why)
+
+
+def _is_range(r: tuple[float, ...], lo: float, hi: float) -> bool:
+    return len(r) == 2 and lo < r[0] <= r[1] <= hi
 
 
 @dataclass
@@ -183,7 +264,8 @@ class TrainConfig:
     steps: int = 1000
     """Optimizer steps of the run (an epoch is a derived number of steps)."""
     log_every: int = 10
-    """Steps between console/JSONL/TensorBoard logs."""
+    """Steps between logs (console, metrics.jsonl and TensorBoard alike, each the mean over the steps since
+    the last log); the steps in between make no host sync."""
     ckpt_every: int = 500
     """Steps between checkpoints (a final one is always written)."""
     keep_last: int = 3
@@ -194,6 +276,10 @@ class TrainConfig:
     """auto | cpu | cuda."""
     threads: int = 0
     """torch intra-op threads on CPU (0: torch's default)."""
+    stop_check_every: int = 0
+    """With several ranks, steps between agreeing on a stop request (Slurm's USR2) besides the log steps, where
+    the metrics' collective carries it (0: log steps only). A stop takes effect within this many steps (or
+    log_every): keep that many steps well inside slurm.signal_delay_s. One rank checks every step."""
     term_grad_norm_every: int = 100
     """Steps between measurements of the gradient norm each loss term contributes (grad_norm_<term> in the
     metrics; one extra backward per term at those steps; 0: off). A multiple of log_every. Measured where the

@@ -1,4 +1,4 @@
-"""What submitit runs in every Slurm task: the trainer, with Slurm's stop signals turned into a flag.
+"""What submitit runs in every Slurm task: pretraining or fine-tuning, with Slurm's stop signals turned into a flag.
 
 USR2 (the time limit, via sbatch `--signal=USR2@<delay>`, or preemption by `scancel --signal=USR2`) and SIGTERM
 only set a flag. The trainer polls it at step boundaries, agrees on it across ranks, saves and returns
@@ -23,10 +23,9 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
-from pipeline.parallel.dist import shutdown_distributed
-
 if TYPE_CHECKING:
     from pipeline.config import RootConfig
+    from pipeline.finetune.config import FinetuneConfig
 
 log = logging.getLogger("slurm.job")
 
@@ -97,6 +96,8 @@ def run_task(run: Callable[[Callable[[], bool]], str], max_requeues: int) -> str
         # One line that says why before the traceback; the job is not requeued.
         log.error(f"job failed, not requeued: {type(err).__name__}: {err}")
         raise
+    from pipeline.parallel.dist import shutdown_distributed  # here: the login node never imports torch for it
+
     shutdown_distributed()  # finished or stopped cleanly: leave the group before exiting (also when requeued)
     if status == "preempted":
         names = ", ".join(signal.Signals(s).name for s in flag.received) or "a stop request"
@@ -109,7 +110,8 @@ def run_task(run: Callable[[Callable[[], bool]], str], max_requeues: int) -> str
 
 
 def train(cfg: RootConfig) -> str:
-    """The submitted function: validate again where the files must exist (this node), then train."""
+    """The submitted function of pretraining: validate again where the files must exist (this node), then
+    train."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from pipeline.config import validate
     from pipeline.train import run
@@ -119,3 +121,16 @@ def train(cfg: RootConfig) -> str:
         return run(cfg, stop_requested=stop_requested)
 
     return run_task(train_once, cfg.slurm.max_requeues)
+
+
+def finetune(cfg: FinetuneConfig) -> str:
+    """The submitted function of fine-tuning: the same preemption, requeue and resume as pretraining."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from pipeline.finetune.config import validate
+    from pipeline.finetune.task import run
+
+    def finetune_once(stop_requested: Callable[[], bool]) -> str:
+        validate(cfg)
+        return run(cfg, stop_requested=stop_requested).get("status", "completed")
+
+    return run_task(finetune_once, cfg.slurm.max_requeues)

@@ -1,4 +1,5 @@
-"""`python -m slurm.submit [--dry-run] [--wait] [--sweep key=a,b] [hydra overrides]`: submit training to Slurm.
+"""`python -m slurm.submit [--task pretrain|finetune] [--dry-run] [--wait] [--sweep key=a,b] [hydra overrides]`:
+submit pretraining (pipeline.train) or fine-tuning (pipeline.finetune) to Slurm.
 
 The config is composed and validated here, on the login node, so a typo fails before anything is queued. Each
 run gets its run directory (the trainer auto-resumes from it: resubmitting the same command continues a run);
@@ -20,19 +21,26 @@ from typing import TextIO
 from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import SlurmJob
 
+from pipeline import rundir
 from pipeline.config import ConfigError, RootConfig, load_config
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.config import load_config as load_finetune_config
 from slurm import job
 from slurm.executor import make_executor, sbatch_script, tasks_per_node
 from slurm.sweep import expand
 
+TASKS = {"pretrain": (load_config, job.train), "finetune": (load_finetune_config, job.finetune)}
+Config = RootConfig | FinetuneConfig
 
-def load_runs(overrides: list[str], check_files: bool = True) -> list[RootConfig]:
+
+def load_runs(overrides: list[str], check_files: bool = True, task: str = "pretrain") -> list[Config]:
     """One validated config per sweep combination, with absolute and distinct run directories."""
     try:
         combos = expand(overrides)
     except ValueError as err:
         raise ConfigError(f"overrides: {err}") from None
-    cfgs = [load_config(c.overrides, check_files=check_files) for c in combos]
+    load = TASKS[task][0]
+    cfgs = [load(c.overrides, check_files=check_files) for c in combos]
     if len({c.run_dir for c in cfgs}) < len(cfgs):
         # The sweep does not change run_dir itself: one sub-directory per combination, named by its values.
         for cfg, combo in zip(cfgs, combos):
@@ -48,22 +56,23 @@ def load_runs(overrides: list[str], check_files: bool = True) -> list[RootConfig
     return cfgs
 
 
-def slurm_folder(cfgs: list[RootConfig]) -> Path:
+def slurm_folder(cfgs: list[Config]) -> Path:
     """<run_dir>/slurm; a sweep's array job keeps its files beside its runs, in <common parent>/slurm."""
     if len(cfgs) == 1:
-        return Path(cfgs[0].run_dir) / "slurm"
-    return Path(os.path.commonpath([c.run_dir for c in cfgs])) / "slurm"
+        return Path(cfgs[0].run_dir) / rundir.SLURM
+    return Path(os.path.commonpath([c.run_dir for c in cfgs])) / rundir.SLURM
 
 
-def submit(cfgs: list[RootConfig], command: str) -> list[SlurmJob]:
+def submit(cfgs: list[Config], command: str, task: str = "pretrain") -> list[SlurmJob]:
     """Submit one job (or one array job for a sweep) and record `command` in every run directory."""
     executor = make_executor(cfgs[0].slurm, slurm_folder(cfgs), cfgs[0].name)
+    function = TASKS[task][1]
     with executor.batch():  # several submissions in one batch become one array job
-        jobs = [executor.submit(job.train, cfg) for cfg in cfgs]
+        jobs = [executor.submit(function, cfg) for cfg in cfgs]
     stamp = datetime.now().isoformat(timespec="seconds")
     for cfg, j in zip(cfgs, jobs):
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(cfg.run_dir) / "submit_command.txt", "a") as f:
+        with open(Path(cfg.run_dir) / rundir.SUBMIT_COMMAND, "a") as f:
             f.write(f"# {stamp} job {j.job_id}, rank-0 log {log_paths(j)[0]}\n")
             f.write(f"cd {shlex.quote(os.getcwd())} && {command}\n")
     return jobs
@@ -124,6 +133,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m slurm.submit",
         description="Submit training to Slurm; the config is validated here, before anything is queued.",
     )
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="pretrain",
+        help="pretrain (pipeline.train overrides) or finetune (pipeline.finetune: preset=NAME ...)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     parser.add_argument("--wait", action="store_true", help="follow rank 0's logs until the job ends")
     parser.add_argument(
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        cfgs = load_runs(args.overrides + args.sweep)
+        cfgs = load_runs(args.overrides + args.sweep, task=args.task)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -148,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = shlex.join([sys.executable, "-m", "slurm.submit", *argv])
     try:
-        jobs = submit(cfgs, command)
+        jobs = submit(cfgs, command, args.task)
     except FailedJobError as err:  # sbatch refused the job (bad partition, account, GRES, ...)
         print(f"sbatch failed: {str(err).strip()}", file=sys.stderr)
         return 1

@@ -1,20 +1,26 @@
-"""One rank of tests/test_parallel.py: runs jobs of the real hybrid objective through ``pipeline.parallel`` and
-writes what the test compares (losses, gradient norms, teacher checks, full weights, features).
+"""One rank of tests/test_parallel.py: runs jobs of the real hybrid objective on the product's training loop
+(pipeline.loop.TrainLoop, built by pipeline.train.prepare, driven step by step) and writes what the test compares
+(losses and gradient norms from the loop's metrics.jsonl, teacher checks, full weights, features).
 
     torchrun --nproc-per-node 2 tests/dist_worker.py SPEC.json     # or plain `python` for one rank
 
 SPEC: {"overrides": [...], "global_batch": G, "out": DIR, "jobs": [{"name", "overrides", "start", "stop",
 "resume_from": RUN_DIR|null, "save_after": STEP|null, "run_dir", "features": bool}]}. Every job sees the same fixed
 global batches; step t, micro-batch m, rank r takes a contiguous slice of G // (accum x world) images, so each
-micro-batch covers the same images at every world size. Jobs run one after another in this process (one process
+micro-batch covers the same images at every world size (FixedBatches, the loop's data source here). A job that
+resumes copies the source run's newest checkpoint into its own run directory, where the loop resumes from it.
+Jobs run one after another in this process (one process
 start per world size keeps the test fast); an exception is recorded and the next job runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,10 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.checkpoint import Checkpointer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.distill import build  # noqa: E402
-from pipeline.optim import lr_at, scaled_lr, warmup_steps  # noqa: E402
-from pipeline.parallel import parallelize  # noqa: E402
-from pipeline.parallel.dist import all_mean, init_distributed, shutdown_distributed  # noqa: E402
+from pipeline.metrics import HostTransfers  # noqa: E402
+from pipeline.parallel.dist import barrier, init_distributed, shutdown_distributed  # noqa: E402
+from pipeline.train import prepare  # noqa: E402
 from tests.helpers import uint8_images  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -43,6 +48,27 @@ def micro_slice(images: torch.Tensor, micro: int, accum: int, rank: int, world: 
     per = images.shape[0] // (accum * world)
     start = (micro * world + rank) * per
     return images[start : start + per]
+
+
+class FixedBatches:
+    """The loop's data source in these tests: micro-batch m of step t on rank r, with a resumable position."""
+
+    def __init__(self, size: int, accum: int, rank: int, world: int):
+        self.size, self.accum, self.rank, self.world = size, accum, rank, world
+        self.position = 0  # micro-batches consumed
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            step, micro = divmod(self.position, self.accum)
+            self.position += 1
+            images = micro_slice(global_batch(step, self.size), micro, self.accum, self.rank, self.world)
+            yield {"images": images}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
 
 
 def frozen_ok(teachers: list, before: list[dict[str, torch.Tensor]], par) -> bool:
@@ -72,46 +98,49 @@ def save_full(par, path: Path, rank: int) -> None:
 def run_job(spec: dict, job: dict, info) -> dict:
     world, rank = info.world_size, info.rank
     size = spec["global_batch"]
-    cfg = load_config(spec["overrides"] + job["overrides"])
+    run_dir = Path(job["run_dir"])
+    logged = ["train.log_every=1", "train.term_grad_norm_every=0", f"run_dir={run_dir}"]
+    cfg = load_config(spec["overrides"] + logged + job["overrides"])
     accum = cfg.optim.accum_steps
     cfg.data.batch_size = size // (accum * world)  # per-rank micro-batch (DeepSpeed's micro batch size)
-    torch.manual_seed(cfg.seed)
-    built = build(cfg, CPU, rank=rank)
-    teachers_before = [
-        {k: v.detach().clone() for k, v in t.named_parameters()} for t in built.teachers.values()
-    ]
-    par = parallelize(built.model, cfg, CPU, torch.float32, info)
-    out, name = Path(spec["out"]), job["name"]
-    result: dict = {"description": par.description, "losses": [], "grad_norms": []}
-    ckpt = Checkpointer(job["run_dir"], 10, rank, world)
+    if job["resume_from"] and rank == 0:
+        source = Checkpointer(job["resume_from"], 10, rank, world).latest()
+        shutil.copytree(source, run_dir / "checkpoints" / source.name)
+    barrier()
+    loop = prepare(cfg, info, CPU, data=FixedBatches(size, accum, rank, world))
+    teachers = list(loop.task.built.teachers.values())
+    teachers_before = [{k: v.detach().clone() for k, v in t.named_parameters()} for t in teachers]
+    out, name, par = Path(spec["out"]), job["name"], loop.par
+    result: dict = {"description": par.description}
+    loop.resume()
     if job["resume_from"]:
-        source = Checkpointer(job["resume_from"], 10, rank, world)
-        state = source.load(source.latest(), par)
-        result["resumed_step"] = int(state["step"])
+        result["resumed_step"] = loop.step
         save_full(par, out / f"{name}_loaded.safetensors", rank)
-    peak, warm = scaled_lr(cfg.optim, size), warmup_steps(cfg.optim, cfg.train.steps)
-    built.model.train()
-    for step in range(job["start"], job["stop"]):
-        par.set_lr(lr_at(step, cfg.train.steps, peak, warm, cfg.optim.min_lr))
-        images, total = global_batch(step, size), 0.0
-        for m in range(accum):
-            batch = {"images": micro_slice(images, m, accum, rank, world)}
-            with par.forward_context():
-                losses = built.objective(par.model, batch, step, m)
-            par.backward(losses["loss"] / accum)
-            total += float(losses["loss"].detach()) / accum
-        result["grad_norms"].append(par.step(cfg.optim.clip_grad))
-        result["losses"].append(all_mean(total))
-        if job["save_after"] == step + 1:
-            ckpt.save(step + 1, par, {"step": step + 1})
+    par.plain.train()
+    counter = HostTransfers() if job.get("count_host_transfers") else None
+    result["host_transfers"] = []
+    while loop.step < job["stop"]:
+        with counter or contextlib.nullcontext():
+            loop.train_step()
+        if counter is not None:
+            logs = loop.step % loop.s.log_every == 0 or loop.step == loop.s.total
+            result["host_transfers"].append({"step": loop.step, "logs": logs, "calls": counter.take()})
+        if job["save_after"] == loop.step:
+            loop.save()
             save_full(par, out / f"{name}_saved.safetensors", rank)
-    result["teachers_frozen"] = frozen_ok(list(built.teachers.values()), teachers_before, par)
+    loop.metrics.close()
+    if rank == 0:
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        result["logged_steps"] = [r["step"] for r in records]
+        result["losses"] = [r["loss"] for r in records]
+        result["grad_norms"] = [r["grad_norm"] for r in records]
+    result["teachers_frozen"] = frozen_ok(teachers, teachers_before, par)
     full = par.export_state_dict()
     if job["features"]:
         with torch.no_grad():  # collective forward under FSDP / ZeRO-3
             feats = par.model(EVAL_IMAGES)
     if rank == 0:
-        save_file(built.export(full), str(out / f"{name}_export.safetensors"))
+        save_file(loop.task.built.export(full), str(out / f"{name}_export.safetensors"))
         if job["features"]:
             save_file(
                 {k: feats[k].contiguous() for k in ("tokens", "cls")},

@@ -1,5 +1,8 @@
 """Invalid configs stop before any heavy work, with one message naming the key; presets compose to what they say."""
 
+import subprocess
+import sys
+
 import pytest
 from safetensors.torch import save_file
 
@@ -164,3 +167,15 @@ def test_averaged_heads_warn(ckpts):
     assert plan.terms[1].heads is None and any("heads=average" in n for n in plan.notes)
     # The default re-splits both sides into the teacher's 4 heads (the student has 2).
     assert plan_objective(load_config(smoke(*ckpts))).terms[1].heads == 4
+
+
+def test_importing_the_configs_loads_neither_torch_nor_the_loader():
+    """What the Slurm login node imports to compose and check a config: no torch, torchvision, webdataset."""
+    code = (
+        "import sys, pipeline.config, pipeline.finetune.config; "
+        "print(sorted(m for m in ('torch', 'torchvision', 'webdataset', 'timm', 'pipeline.data.loader') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=CONF_DIR.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -116,6 +116,7 @@ def test_trainer_reproduces_the_pinned_first_losses(golden_teachers, fashion_sha
             "experiment=smoke",
             *golden_teachers["plain"],
             *AVERAGED,
+            "train.log_every=1",  # every step's record (a log record holds the mean since the last one)
             f"data.train_shards={fashion_shards['train']}",
             f"data.val_shards={fashion_shards['test']}",
             f"run_dir={tmp_path / 'run'}",

@@ -146,3 +146,54 @@ def test_student_export_keys_are_timm_keys():
     sd = public_state_dict(student.state_dict())
     plain = random_vit()
     assert set(sd) == set(plain.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["supervised", "mae", "finetune"])
+def test_activation_checkpointing_works_for_every_trainable_model(kind):
+    """Teacher preparation (classifier, MAE) and fine-tuning checkpoint their blocks too, with identical
+    gradients; a model that cannot checkpoint is refused, not run silently without."""
+    from pipeline.config import DistillConfig
+    from pipeline.distill.mae import MaskedAutoencoder
+    from pipeline.distill.supervised import Classifier
+    from pipeline.finetune.recipe import FinetuneModel
+    from pipeline.parallel import apply_activation_checkpointing
+
+    def make():
+        torch.manual_seed(0)
+        if kind == "supervised":
+            return Classifier(tiny_student_cfg(), num_classes=5)
+        if kind == "mae":
+            return MaskedAutoencoder(
+                tiny_student_cfg(), DistillConfig(mae_decoder_dim=16, mae_decoder_depth=1)
+            )
+        return FinetuneModel(random_vit(num_classes=5))
+
+    keep = torch.tensor([[0, 2, 5, 7], [1, 3, 4, 8]])
+    grads = []
+    for every in (0, 1):
+        model = make().train()
+        apply_activation_checkpointing(model, every)
+        runs = []  # each block's forwards: a checkpointed block runs again in the backward
+        for i, blk in enumerate(model.vit.blocks):
+            blk.register_forward_pre_hook(lambda *_, i=i, runs=runs: runs.append(i))
+        images = uint8_images()
+        out = (
+            model(images, keep)
+            if kind == "mae"
+            else model(Normalize([0.5] * 3, [0.25] * 3)(images) if kind == "finetune" else images)
+        )
+        out.float().pow(2).mean().backward()
+        assert len(runs) == len(model.vit.blocks) * (2 if every else 1)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_activation_checkpointing_refused_where_it_cannot_apply():
+    from pipeline.config import ConfigError
+    from pipeline.parallel import apply_activation_checkpointing
+
+    with pytest.raises(ConfigError, match="^parallel.activation_checkpointing"):
+        apply_activation_checkpointing(torch.nn.Linear(2, 2), 1)
+    apply_activation_checkpointing(torch.nn.Linear(2, 2), 0)  # off: nothing to refuse

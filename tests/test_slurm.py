@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
+import torch
+from safetensors.torch import load_file, save_file
 from submitit.core.utils import UncompletedJobError
 
 from pipeline.config import ConfigError, SlurmConfig, load_config
@@ -27,6 +28,7 @@ from slurm.submit import finished, load_runs, log_paths, main, reason, submit
 from slurm.sweep import expand
 from tests.helpers import random_vit, write_mae
 from tests.test_data_loader import write_shards
+from tests.test_evaluate import fmnist_shards, write_run
 
 HAVE_SLURM = shutil.which("sinfo") is not None
 STEPS = 20  # long enough to signal mid-run (a step takes about a second on two CPU ranks)
@@ -95,7 +97,12 @@ def test_dry_run_script_is_what_the_executor_submits(tmp_path: Path) -> None:
 
 def test_sweep_expands_to_product_and_keeps_lists_whole() -> None:
     combos = expand(
-        ["experiment=smoke", "seed=0,1", "distill.terms.rel.student_layers=[1,2]", "teacher@teachers.feature=a,b"]
+        [
+            "experiment=smoke",
+            "seed=0,1",
+            "distill.terms.rel.student_layers=[1,2]",
+            "teacher@teachers.feature=a,b",
+        ]
     )
     assert [c.label for c in combos] == [
         "seed=0,teacher@teachers.feature=a",
@@ -260,6 +267,7 @@ def smoke(assets: dict, run_dir: str | Path, *extra: str) -> list[str]:
         f"teachers.relation.checkpoint={root / 'mae.pth'}",
         f"data.train_shards={root / 'shards'}",
         f"run_dir={run_dir}",
+        "train.log_every=1",  # a record (and a stop check across the ranks) at every step
         *TWO_RANKS,
         *extra,
     ]
@@ -345,22 +353,16 @@ def test_two_rank_job_completes_with_metrics_and_checkpoint(reference) -> None:
     assert scontrol_job(j.job_id)["NumNodes"] == str(min(2, cluster_nodes()))
 
 
-@slurm_test
-def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(assets, reference, tmp_path) -> None:
-    [cfg] = load_runs(smoke_job(assets, tmp_path / "run", f"train.steps={STEPS}", "train.ckpt_every=100"))
-    [j] = submit([cfg], "pytest preempted")
-    deadline = time.monotonic() + 300
-    while len(metrics(cfg.run_dir)) < 3:  # the trainer is past its first steps: handlers installed
-        assert time.monotonic() < deadline and not finished(j), tail(log_paths(j)[1])
-        time.sleep(0.5)
+def preempt_and_release(j, run_dir: str | Path, deadline: float, total: int = STEPS) -> None:
+    """USR2 to a running job (what preemption or the time limit sends), wait for its requeue, release it."""
     subprocess.run(["scancel", "--signal=USR2", j.job_id], check=True)
     # Rank 0 requeues the job after the checkpoint: same id, pending again.
     while (info := scontrol_job(j.job_id))["JobState"] != "PENDING":
         assert time.monotonic() < deadline and info["JobState"] in ("RUNNING", "COMPLETING", "REQUEUED"), info
         time.sleep(0.5)
     assert info["Restarts"] == "1"
-    stopped_at = len(metrics(cfg.run_dir))
-    assert 3 <= stopped_at < STEPS, "the job was meant to stop mid-run"
+    stopped_at = len(metrics(run_dir))
+    assert 3 <= stopped_at < total, "the job was meant to stop mid-run"
     # A requeued job is held for 120 s (BeginTime); release it early. Not within the second of the requeue: slurmd
     # revoked the first run's credential at a whole-second time, and a new one issued in that same second is
     # refused ("Job credential revoked"), which fails the job. Wait until the nodes have cleaned up, then 2 s.
@@ -369,6 +371,17 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(assets, re
         time.sleep(0.5)
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={j.job_id}", "StartTime=now"], check=True)
+
+
+@slurm_test
+def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(assets, reference, tmp_path) -> None:
+    [cfg] = load_runs(smoke_job(assets, tmp_path / "run", f"train.steps={STEPS}", "train.ckpt_every=100"))
+    [j] = submit([cfg], "pytest preempted")
+    deadline = time.monotonic() + 300
+    while len(metrics(cfg.run_dir)) < 3:  # the trainer is past its first steps: handlers installed
+        assert time.monotonic() < deadline and not finished(j), tail(log_paths(j)[1])
+        time.sleep(0.5)
+    preempt_and_release(j, cfg.run_dir, deadline)
     wait_for(j, 600)
     # submitit's job.results() waited through the requeue: same job id, results from the second run.
     assert j.results() == ["completed", "completed"], tail(log_paths(j)[1])
@@ -437,3 +450,60 @@ def test_plain_scancel_saves_and_stays_cancelled(assets, tmp_path) -> None:
     assert "caught SIGTERM" in log_paths(j)[1].read_text()
     saved = sorted((Path(cfg.run_dir) / "checkpoints").glob("step_*/COMPLETE"))
     assert saved and int(saved[-1].parent.name.removeprefix("step_")) < STEPS
+
+
+FT_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def ft_assets(tmp_path_factory) -> dict:
+    """A finished tiny 'pretraining' run and labelled train/val shards for fine-tuning jobs."""
+    root = tmp_path_factory.mktemp("ft_assets")
+    train, val = fmnist_shards(root, 256, 64)
+    init = write_run(root / "init", dict(random_vit(seed=0).state_dict()), str(train), str(val))
+    return {"init": init, "train": train, "val": val}
+
+
+def ft_job(ft: dict, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "preset=fmnist_demo",
+        f"init.run={ft['init']}",
+        f"run_dir={run_dir}",
+        f"data.train_shards={ft['train']}",
+        f"data.val_shards={ft['val']}",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "train.threads=1",
+        f"train.steps={FT_STEPS}",
+        "train.log_every=1",
+        "train.eval_every=100",
+        "train.ckpt_every=100",
+        *TWO_RANKS,
+        *fit_cluster(),
+        *extra,
+    ]
+
+
+@slurm_test
+def test_preempted_finetune_requeues_resumes_and_ends_with_the_same_weights(ft_assets, tmp_path) -> None:
+    """Fine-tuning goes through the same launcher and loop: USR2, save, requeue, resume, the same result."""
+    [ref_cfg] = load_runs(ft_job(ft_assets, tmp_path / "straight"), task="finetune")
+    [ref] = submit([ref_cfg], "pytest finetune reference", task="finetune")
+    [cfg] = load_runs(ft_job(ft_assets, tmp_path / "preempted"), task="finetune")
+    [j] = submit([cfg], "pytest finetune preempted", task="finetune")
+    deadline = time.monotonic() + 600
+    while len(metrics(cfg.run_dir)) < 3:
+        assert time.monotonic() < deadline and not finished(j), tail(log_paths(j)[1])
+        time.sleep(0.5)
+    preempt_and_release(j, cfg.run_dir, deadline, FT_STEPS)
+    wait_for(j, 600)
+    wait_for(ref, 600)
+    assert j.results() == ["completed", "completed"], tail(log_paths(j)[1])
+    assert ref.results() == ["completed", "completed"], tail(log_paths(ref)[1])
+    log = log_paths(j)[1].read_text()
+    assert "caught SIGUSR2" in log and f"requeued job {j.job_id}" in log and "resumed from" in log
+    assert [r["step"] for r in metrics(cfg.run_dir)] == list(range(1, FT_STEPS + 1))
+    a = load_file(str(Path(cfg.run_dir) / "finetuned.safetensors"))
+    b = load_file(str(Path(ref_cfg.run_dir) / "finetuned.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (Path(cfg.run_dir) / "git_revision.txt").exists()

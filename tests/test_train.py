@@ -24,21 +24,19 @@ def test_run_writes_artifacts_and_exports_timm_student(smoke_args):
     assert run(cfg) == "completed"
     rd = Path(cfg.run_dir)
     assert (rd / "config.yaml").exists() and (rd / "git_revision.txt").exists()
-    steps = [s for s, _ in losses(rd)]
-    assert steps == list(range(1, cfg.train.steps + 1))
     records = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    every = cfg.train.log_every
+    assert [r["step"] for r in records] == list(range(every, cfg.train.steps + 1, every))  # log steps only
     peak, warm = scaled_lr(cfg.optim, cfg.data.batch_size), warmup_steps(cfg.optim, cfg.train.steps)
     for r in records:
-        step = r["step"] - 1  # the record of optimizer step s is written after it, as step s + 1
-        assert r["mask_ratio"] == pytest.approx(mask_ratio(step, cfg.train.steps, cfg.distill.mask), abs=1e-6)
-        assert r["lr"] == pytest.approx(lr_at(step, cfg.train.steps, peak, warm, cfg.optim.min_lr), abs=1e-6)
+        window = range(r["step"] - every, r["step"])  # the optimizer steps (0-based) since the last log
+        ratios = [mask_ratio(s, cfg.train.steps, cfg.distill.mask) for s in window]
+        assert r["mask_ratio"] == pytest.approx(sum(ratios) / every, abs=1e-6)  # the window's mean
+        assert r["lr"] == pytest.approx(lr_at(window[-1], cfg.train.steps, peak, warm, 0.0), abs=1e-6)
         assert r["loss"] == pytest.approx(r["loss_feat"] + r["loss_rel"], abs=2e-6)  # weights 1, 1
         assert 0 < r["teacher_share"] < 1 and 0 <= r["data_wait_share"] < 1 and r["images_per_s"] > 0
-        # Each term's own gradient norm, every train.term_grad_norm_every (= 2) steps only.
-        has_norms = {"grad_norm_feat", "grad_norm_rel"} <= set(r)
-        assert has_norms == (r["step"] % 2 == 0), r
-        if has_norms:
-            assert r["grad_norm_feat"] > 0 and r["grad_norm_rel"] > 0
+        # Each term's own gradient norm, measured every train.term_grad_norm_every (= 2) steps.
+        assert r["grad_norm_feat"] > 0 and r["grad_norm_rel"] > 0
     assert records[-1]["data_samples_seen"] == cfg.train.steps * cfg.data.batch_size
     ckpts = sorted(p.name for p in (rd / "checkpoints").iterdir())
     assert ckpts == ["step_000000004", "step_000000008"] and all(
@@ -52,7 +50,7 @@ def test_resume_is_bit_identical(smoke_args, tmp_path):
     """2N steps in one go == N steps, a fresh process state, resume, N more steps (CPU, fixed seed).
 
     Drop path is on, so the global RNG must be restored exactly (and the loader must not draw from it)."""
-    smoke_args = [*smoke_args, "student.drop_path=0.2"]
+    smoke_args = [*smoke_args, "student.drop_path=0.2", "train.log_every=1"]  # every step's loss compared
     straight = load_config(smoke_args + [f"run_dir={tmp_path / 'straight'}", "train.ckpt_every=100"])
     run(straight)
     # First leg: stop after 4 steps by asking for a stop at step 4 (what a preemption does).

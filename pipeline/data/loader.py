@@ -24,10 +24,8 @@ some samples, since the partition changed.
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,94 +34,17 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.plan import read_shard_set
 from pipeline.data.stream import BatchStream, StreamSpec, release_buffer
+from pipeline.schema import DataConfig
+
+__all__ = [
+    "DataConfig",
+    "ShardLoader",
+]  # DataConfig lives in the schema; imported here for the loader's users
 
 log = logging.getLogger(__name__)
 
-MODES = ("resampled", "epoch")
-READERS = ("indexed", "webdataset")
 MAX_LOGGED_BAD = 10  # per rank; later bad samples are counted in stats() only
 STATE_VERSION = 1
-
-
-@dataclass
-class DataConfig:
-    """Streaming loader settings (the `data` group of the root config)."""
-
-    train_shards: str = ""
-    """Directory holding manifest.json and the training shards (docs/shard-format.md)."""
-    val_shards: str = ""
-    """Optional directory of evaluation shards; empty means no evaluation set."""
-    img_size: int = 224
-    """Side of the square images in a batch (pixels)."""
-    batch_size: int = 64
-    """Images per batch, per rank."""
-    num_workers: int = 8
-    """DataLoader worker processes per rank; 0 decodes in the main process (tests, debugging)."""
-    mode: str = "resampled"
-    """"resampled": endless passes, each reshuffled with a new epoch seed; "epoch": each sample once per epoch."""
-    seed: int = 0
-    """Seeds shard order, sample order and augmentation (all pure functions of seed and position)."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """RandomResizedCrop area fraction range (MAE recipe: 0.2-1.0)."""
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    """RandomResizedCrop aspect-ratio range (torchvision default)."""
-    hflip: bool = True
-    """Random horizontal flip with probability 0.5 (training only)."""
-    eval_crop_fraction: float = 0.875
-    """Evaluation: resize the shorter side to img_size / fraction, then centre-crop (ImageNet: 0.875)."""
-    max_bad_sample_rate: float = 0.01
-    """Stop when undecodable samples exceed this fraction of those seen on a rank."""
-    bad_rate_min_samples: int = 100
-    """Samples a rank must have seen before max_bad_sample_rate is enforced (one early bad file is no rate)."""
-    prefetch_factor: int = 2
-    """Batches each worker prepares ahead (ignored when num_workers is 0)."""
-    pin_memory: bool = True
-    """Pin batches for faster host-to-GPU copies; applies only when CUDA is available."""
-    reader: str = "indexed"
-    """Shard reader, same batches either way: "indexed" (random reads of single images; local disks, page
-    cache, parallel file systems) or "webdataset" (one sequential pass per segment, images held in memory;
-    file systems without client caching, where many small random reads are slow)."""
-
-    def __post_init__(self) -> None:
-        # Hydra/OmegaConf hand tuples over as lists
-        self.crop_scale = tuple(float(x) for x in self.crop_scale)
-        self.crop_ratio = tuple(float(x) for x in self.crop_ratio)
-        checks = [
-            (self.mode in MODES, "data.mode", f"must be one of {MODES}, got {self.mode!r}"),
-            (self.reader in READERS, "data.reader", f"must be one of {READERS}, got {self.reader!r}"),
-            (self.img_size > 0, "data.img_size", f"must be positive, got {self.img_size}"),
-            (
-                0 < self.eval_crop_fraction <= 1,
-                "data.eval_crop_fraction",
-                f"must be in (0, 1], got {self.eval_crop_fraction}",
-            ),
-            (self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}"),
-            (self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}"),
-            (
-                self.prefetch_factor > 0,
-                "data.prefetch_factor",
-                f"must be positive, got {self.prefetch_factor}",
-            ),
-            (
-                _is_range(self.crop_scale, 0.0, 1.0),
-                "data.crop_scale",
-                f"needs 0 < lo <= hi <= 1: {self.crop_scale}",
-            ),
-            (
-                _is_range(self.crop_ratio, 0.0, math.inf),
-                "data.crop_ratio",
-                f"needs 0 < lo <= hi: {self.crop_ratio}",
-            ),
-            (0.0 <= self.max_bad_sample_rate <= 1.0, "data.max_bad_sample_rate", "must be in [0, 1]"),
-            (self.bad_rate_min_samples >= 1, "data.bad_rate_min_samples", "must be >= 1"),
-        ]
-        for ok, key, why in checks:
-            if not ok:
-                raise ValueError(f"{key} {why}")
-
-
-def _is_range(r: tuple[float, ...], lo: float, hi: float) -> bool:
-    return len(r) == 2 and lo < r[0] <= r[1] <= hi
 
 
 class ShardLoader:

@@ -14,7 +14,7 @@ from torch import nn
 from pipeline.distill.masking import mask_generator
 from pipeline.models.frozen import Normalize
 from pipeline.models.geometry import create_vit
-from pipeline.models.student import gather_tokens
+from pipeline.models.student import gather_tokens, run_block
 from pipeline.schema import DistillConfig, StudentConfig
 
 
@@ -42,13 +42,17 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(dd)
         self.decoder_pred = nn.Linear(dd, self.patch**2 * 3)
         nn.init.normal_(self.mask_token, std=0.02)
+        self.checkpoint_every = 0  # set by pipeline.parallel: checkpoint every k-th encoder block (0: off)
 
     def forward(self, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """keep_idx [B, K] visible patches -> predicted pixels for every patch [B, N, p*p*3]."""
         vit, p = self.vit, self.vit.num_prefix_tokens
         x = vit._pos_embed(vit.patch_embed(self.normalize(images)))
         x = torch.cat([x[:, :p], gather_tokens(x[:, p:], keep_idx)], dim=1)
-        x = vit.norm(vit.blocks(vit.norm_pre(x)))
+        x = vit.norm_pre(x)
+        for i, blk in enumerate(vit.blocks):
+            x = run_block(blk, x, i, self.checkpoint_every)
+        x = vit.norm(x)
         y = self.decoder_embed(x)  # [B, 1 + K, dd]
         B, N = images.shape[0], self.decoder_pos_embed.shape[1] - 1
         full = self.mask_token.expand(B, N, -1).clone()
@@ -63,7 +67,6 @@ class MAEObjective:
     def __init__(self, mask_ratio: float, seed: int, num_patches: int, patch: int, rank: int = 0):
         self.mask_ratio, self.seed, self.rank = mask_ratio, seed, rank
         self.num_patches, self.patch = num_patches, patch
-        self.teacher_seconds = 0.0
 
     def __call__(self, model: nn.Module, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         images = batch["images"]

@@ -8,8 +8,6 @@ run draws the same ones as an uninterrupted run without saving RNG state.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
@@ -22,6 +20,7 @@ from pipeline.distill.masking import (
     select_tokens,
 )
 from pipeline.distill.terms import FeatureTerm, KeptTokens, RelationTerm
+from pipeline.metrics import Timer
 from pipeline.models.teacher import Teacher
 from pipeline.schema import MaskConfig
 
@@ -43,18 +42,15 @@ class DistillObjective:
         self.teachers, self.terms, self.weights = teachers, terms, weights
         self.mask, self.num_patches = mask, num_patches
         self.total_steps, self.seed, self.rank = total_steps, seed, rank
-        self.teacher_seconds = 0.0  # wall time of the last call's teacher forwards
+        self.teacher_timer = Timer()  # the teachers' forwards, read by the loop at log steps (no sync here)
 
     def __call__(self, student: nn.Module, batch: dict, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """Returns loss (the total, with graph), terms {name: weight x term, with graph}, loss_<name> (each
-        term unweighted, detached) and mask_ratio."""
+        term unweighted, detached, on the device) and mask_ratio (a float)."""
         m = self.mask
         images = batch["images"]  # uint8 [B, 3, H, W]
-        t0 = time.perf_counter()
-        outputs = {name: teacher(images) for name, teacher in self.teachers.items()}  # each teacher once
-        if images.is_cuda:
-            torch.cuda.synchronize(images.device)
-        self.teacher_seconds = time.perf_counter() - t0
+        with self.teacher_timer.measure(images.device):
+            outputs = {name: teacher(images) for name, teacher in self.teachers.items()}  # each teacher once
 
         ratio = mask_ratio(step, self.total_steps, m)
         k = num_kept(self.num_patches, ratio)
@@ -78,5 +74,5 @@ class DistillObjective:
             "loss": sum(weighted.values()),
             "terms": weighted,
             **{f"loss_{name}": v.detach() for name, v in values.items()},
-            "mask_ratio": torch.tensor(1.0 - k / self.num_patches),
+            "mask_ratio": 1.0 - k / self.num_patches,  # a host value: no device tensor per step
         }

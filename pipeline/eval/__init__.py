@@ -1,2 +1,2 @@
-"""Evaluation pieces behind the entry points ``pipeline.evaluate``, ``pipeline.analysis``, ``pipeline.finetune``
-and ``pipeline.export``: frozen encoders, feature probes, attention statistics, fine-tuning helpers."""
+"""Evaluation pieces behind the entry points ``pipeline.evaluate``, ``pipeline.analysis`` and ``pipeline.export``:
+frozen encoders, feature probes, attention statistics."""

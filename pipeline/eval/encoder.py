@@ -15,13 +15,12 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.data.loader import DataConfig
+from pipeline import rundir
 from pipeline.models.frozen import FrozenModel
 from pipeline.models.geometry import create_vit
 from pipeline.schema import CHECKPOINT_FORMATS as FORMATS
-from pipeline.schema import IMAGENET_MEAN, IMAGENET_STD, StudentConfig
+from pipeline.schema import IMAGENET_MEAN, IMAGENET_STD, DataConfig, StudentConfig
 
-EXPORT_NAME = "export.safetensors"  # what pipeline.train writes into the run directory at its last step
 POOLS = ("mean", "cls")
 
 
@@ -44,7 +43,7 @@ class Encoder(FrozenModel):
     The same frozen wrapper as the teachers (pipeline.models.frozen), so every family a teacher can be loads here.
     """
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
         geo = self.backbone.geometry
         final, _ = self.backbone.run(
@@ -65,7 +64,7 @@ def read_run_config(run_dir: str | Path) -> tuple[StudentConfig, DataConfig]:
     Only these two sections are read, so a run written by an older or newer schema still loads as long as the
     architecture and data fields are understood.
     """
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / rundir.CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {run_dir} a run directory of pipeline.train?")
     raw = OmegaConf.load(path)
@@ -79,7 +78,7 @@ def read_run_config(run_dir: str | Path) -> tuple[StudentConfig, DataConfig]:
 def run_spec(run_dir: str | Path) -> EncoderSpec:
     """The encoder of a run: architecture from config.yaml, weights from export.safetensors."""
     student, _ = read_run_config(run_dir)
-    weights = Path(run_dir) / EXPORT_NAME
+    weights = Path(run_dir) / rundir.EXPORT
     if not weights.is_file():
         raise FileNotFoundError(
             f"{weights}: not found; the trainer writes it after the run's last step (train.steps). "

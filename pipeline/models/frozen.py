@@ -1,7 +1,7 @@
 """The one frozen-model wrapper: teachers (pipeline.models.teacher) and evaluation encoders (pipeline.eval.encoder).
 
 Frozen by construction (DESIGN.md section 4): no parameter requires grad, the module stays in eval mode even under
-``.train()``, and callers run it without autograd. It normalises its own uint8 input with its own mean/std, at
+``.train()``, and it runs in inference mode. It normalises its own uint8 input with its own mean/std, at
 its own input size, and reads its timm backbone through the family adapter (pipeline.models.families).
 """
 

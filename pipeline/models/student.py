@@ -21,6 +21,22 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def run_block(block: nn.Module, x: torch.Tensor, index: int, every: int) -> torch.Tensor:
+    """Block ``index`` of a trainable ViT, under non-reentrant activation checkpointing at every ``every``-th
+    block (0: none). Every trainable model here (student, teacher preparation, fine-tuning) runs its blocks so."""
+    if every and index % every == 0 and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
+def vit_features(vit: nn.Module, x: torch.Tensor, every: int) -> torch.Tensor:
+    """timm's forward_features (normalised images -> all tokens after the final norm) with every-k checkpointing."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    for i, blk in enumerate(vit.blocks):
+        x = run_block(blk, x, i, every)
+    return vit.norm(x)
+
+
 class Student(nn.Module):
     """timm VisionTransformer (state-dict keys under ``vit.``) + feature heads (``heads.<term>.``, dropped at
     export)."""
@@ -73,10 +89,7 @@ class Student(nn.Module):
         for i, blk in enumerate(vit.blocks):
             if depth_keep and i in depth_keep:
                 x = torch.cat([x[:, :p], gather_tokens(x[:, p:], depth_keep[i])], dim=1)
-            if self.checkpoint_every and i % self.checkpoint_every == 0 and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+            x = run_block(blk, x, i, self.checkpoint_every)
             if i in self.relation_layers:
                 # A plain dict of tensors: FSDP2 and ZeRO-3 hook the tensors of outputs they can traverse.
                 attention[i] = vars(take_tap(blk))

@@ -92,8 +92,10 @@ class Teacher(FrozenModel):
     def grid(self) -> tuple[int, int]:
         return self.backbone.geometry.grid
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> TeacherOutput:
+        """Runs in inference mode: its outputs are inference tensors, which the terms read through new tensors
+        (gathered tokens, restricted logits) and never hand to autograd themselves."""
         req, layout, blocks = self.request, self.layout, self.vit.blocks
         x = self.prepare(images)
         with torch.autocast(

@@ -8,16 +8,33 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.config import RootConfig
+from pipeline.config import ConfigError, RootConfig
 from pipeline.optim import ParamGroups
 from pipeline.parallel.base import Parallel
 from pipeline.parallel.dist import DistInfo
 
 
 def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
-    """Checkpoint every ``every``-th block of models that support it (the student; 0 turns it off)."""
-    if hasattr(model, "checkpoint_every"):
-        model.checkpoint_every = every
+    """Checkpoint every ``every``-th block (0: off); a model that cannot is refused rather than run without."""
+    if not hasattr(model, "checkpoint_every"):
+        if every:
+            raise ConfigError(
+                f"parallel.activation_checkpointing: {type(model).__name__} cannot checkpoint its blocks; use 0"
+            )
+        return
+    model.checkpoint_every = every
+
+
+def compile_blocks(model: nn.Module, teachers: list[nn.Module]) -> None:
+    """torch.compile each block in place (state-dict keys and attention taps stay as they are).
+
+    The student's blocks see a token count that falls as the mask ratio ramps up: they are compiled with dynamic
+    shapes, once, instead of once per kept-token count. Teachers always see the full grid: static shapes."""
+    for blk in model.vit.blocks:
+        blk.compile(dynamic=True)
+    for teacher in teachers:
+        for blk in teacher.vit.blocks:
+            blk.compile()
 
 
 def parallelize(
@@ -27,14 +44,15 @@ def parallelize(
     dtype: torch.dtype,
     info: DistInfo,
     groups: ParamGroups | None = None,
+    teachers: list[nn.Module] = (),
 ) -> Parallel:
     """Wrap ``model`` for ``cfg.parallel``; the optimizer is AdamW over ``groups(model)`` (default: decay on matrices
-    only), built on the parameters as the strategy holds them (FSDP2: sharded; DeepSpeed: before the engine)."""
+    only), built on the parameters as the strategy holds them (FSDP2: sharded; DeepSpeed: before the engine).
+    parallel.compile compiles the ``teachers`` too (they stay outside every wrapper)."""
     p = cfg.parallel
     apply_activation_checkpointing(model, p.activation_checkpointing)
     if p.compile and device.type == "cuda":
-        for blk in model.vit.blocks:
-            blk.compile()  # in place: state-dict keys and the attention taps stay as they are
+        compile_blocks(model, list(teachers))
     if p.strategy in ("none", "ddp"):
         from pipeline.parallel.simple import Replicated
 

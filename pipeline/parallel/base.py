@@ -33,6 +33,7 @@ class Parallel:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's ``loss`` (already divided by the accumulation count)."""
         loss.backward()
 
     def set_lr(self, lr: float) -> None:
@@ -45,8 +46,14 @@ class Parallel:
         gradient norms); None where the strategy shards them."""
         return None
 
-    def step(self, clip_grad: float) -> float:
-        """Clip (when clip_grad > 0), update, zero the grads; returns the global gradient norm before clipping."""
+    def step(self) -> torch.Tensor:
+        """After the accumulation's backward() calls: finish the update and return the global gradient norm
+        before clipping, as a 0-d tensor on the device (reading it is the caller's host sync, at log steps).
+
+        The update clips at optim.clip_grad (0: no clipping), the one value every strategy was built with, then
+        steps AdamW and zeroes the gradients. Under DeepSpeed the engine does all of that inside the last
+        backward() (its accumulation boundary); step() there checks the boundary was reached and reads the norm.
+        """
         raise NotImplementedError
 
     def save(self, directory: Path, rank: int) -> None:

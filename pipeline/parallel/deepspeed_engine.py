@@ -100,11 +100,11 @@ class DeepSpeedZero(Parallel):
         # ZeRO-1/2 partition the optimizer state and gradients, not the parameters; ZeRO-3 partitions those too.
         return [p for p in self.plain.parameters() if p.requires_grad] if self.stage < 3 else None
 
-    def step(self, clip_grad: float) -> float:
-        # clip_grad is in the engine's config (gradient_clipping = optim.clip_grad); the update already happened.
+    def step(self) -> torch.Tensor:
+        # Clipping is in the engine's config (gradient_clipping = optim.clip_grad); the update already happened.
         assert self.engine.micro_steps % self.accum == 0, "step() without accum_steps backward() calls"
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.engine.get_global_grad_norm()  # a float or a tensor, by DeepSpeed version and stage
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).detach()
 
     def save(self, directory: Path, rank: int) -> None:
         self.engine.save_checkpoint(str(directory), tag=TAG)

@@ -59,24 +59,24 @@ class FSDP2(Parallel):
         self.model = self.plain = model
         # On the DTensor shards: optimizer state is sharded too.
         self.optimizer = build_adamw(model, cfg.optim, groups)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.clip_grad = device, dtype, cfg.optim.clip_grad
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         # The student normalises uint8 images to fp32 inside its root forward, before the bf16 patch embedding:
         # autocast covers that cast (FSDP's cast_forward_inputs only sees the uint8 input).
         return autocast_unless_fp32(self.device, self.dtype)
 
-    def step(self, clip_grad: float) -> float:
+    def step(self) -> torch.Tensor:
         params = [p for p in self.plain.parameters() if p.grad is not None]
         # Over the DTensor grads (not their local shards): a DTensor norm, made global by full_tensor().
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        if clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm, foreach=True)
+        if self.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def _state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.plain, self.optimizer)

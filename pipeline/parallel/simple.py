@@ -31,7 +31,7 @@ class Replicated(Parallel):
             else self.plain
         )
         self.optimizer = build_adamw(self.plain, optim_cfg, groups)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.clip_grad = device, dtype, optim_cfg.clip_grad
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         return autocast_unless_fp32(self.device, self.dtype)
@@ -39,12 +39,12 @@ class Replicated(Parallel):
     def whole_parameters(self) -> list[torch.Tensor]:
         return [p for p in self.plain.parameters() if p.requires_grad]
 
-    def step(self, clip_grad: float) -> float:
+    def step(self) -> torch.Tensor:
         params = [p for p in self.plain.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad if self.clip_grad > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def save(self, directory: Path, rank: int) -> None:
         if rank == 0:  # replicas are identical

@@ -1,7 +1,7 @@
 """Pieces of MAE's end-to-end fine-tuning recipe (He et al. 2022, FINETUNE.md), each small enough to test alone.
 
 The model takes normalised float images; augmentation works on the loader's uint8 batches on the device:
-RandAugment on uint8 (pipeline.eval.randaugment), then normalisation, random erasing, and mixup/cutmix on floats
+RandAugment on uint8 (pipeline.finetune.randaugment), then normalisation, random erasing, and mixup/cutmix on floats
 (MAE's order).
 """
 
@@ -13,10 +13,11 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from pipeline.eval.randaugment import RandAugment
+from pipeline.finetune.randaugment import RandAugment
 from pipeline.models.checkpoints import read_state_dict, to_backbone_keys
 from pipeline.models.frozen import Normalize
 from pipeline.models.geometry import create_vit
+from pipeline.models.student import vit_features
 
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "reg_token", "dist_token")
 STEM = ("cls_token", "pos_embed", "reg_token", "dist_token", "patch_embed.", "norm_pre.")
@@ -28,18 +29,10 @@ class FinetuneModel(nn.Module):
     def __init__(self, vit: nn.Module):
         super().__init__()
         self.vit = vit
-
-    @property
-    def checkpoint_every(self) -> int:
-        return int(self.vit.grad_checkpointing)
-
-    @checkpoint_every.setter
-    def checkpoint_every(self, every: int) -> None:
-        # pipeline.parallel sets this; timm checkpoints every block or none, so any k > 0 means every block
-        self.vit.set_grad_checkpointing(every > 0)
+        self.checkpoint_every = 0  # set by pipeline.parallel: checkpoint every k-th block (0: off)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit(x)
+        return self.vit.forward_head(vit_features(self.vit, x, self.checkpoint_every))
 
 
 def build_model(
@@ -185,7 +178,8 @@ class Augment:
         return x, labels
 
 
-def soft_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """Agreement of argmax predictions with the argmax of (possibly mixed) targets: a cheap training signal."""
+def soft_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Agreement of argmax predictions with the argmax of (possibly mixed) targets: a cheap training signal
+    (a 0-d tensor on the device: the loop reads it at log steps)."""
     hard = target if target.ndim == 1 else target.argmax(1)
-    return float((logits.argmax(1) == hard).float().mean())
+    return (logits.argmax(1) == hard).float().mean()

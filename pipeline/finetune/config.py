@@ -1,42 +1,31 @@
-"""``python -m pipeline.finetune preset=NAME [hydra overrides]``: end-to-end fine-tuning in MAE's recipe.
+"""Fine-tuning's schema (FinetuneConfig, ConfigStore name ``finetune_schema``), loading and validation.
 
-    python -m pipeline.finetune preset=vit_base_in1k init.run=runs/hd_vit_base     # the paper's IN-1K protocol
-    python -m pipeline.finetune preset=fmnist_demo                                  # the CPU demo
-    torchrun --nproc-per-node 8 -m pipeline.finetune preset=vit_large_in1k init.run=... parallel=deepspeed
-    python -m pipeline.finetune preset=vit_base_in1k model.arch=vit_small_patch16_224 \
-        '++model.model_kwargs={patch_size: 8}'    # random-init baseline; ++ adds keys to an empty dict
-
-Its own schema (FinetuneConfig, ConfigStore name ``finetune_schema``), composed from conf/finetune/PRESET.yaml,
-so the pretraining schema is untouched; data and parallel settings reuse the pretraining dataclasses. Layer-wise
-lr decay, drop path, RandAugment, random erasing, mixup/cutmix with label smoothing, warm-up then cosine, top-1 /
-top-5 on the val shards. The run directory gets config.yaml, metrics.jsonl, step checkpoints (the run resumes
-from them), finetune.json (final and best accuracy) and finetuned.safetensors (timm keys, with the head).
+Composed from conf/finetune/PRESET.yaml (``preset=NAME``), so the pretraining schema is untouched; the data,
+parallel and slurm settings reuse the pretraining dataclasses and groups. Like pipeline.config this imports
+nothing heavy, so the Slurm login node validates a fine-tuning config without torch.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from pipeline import rundir
 from pipeline.config import (
     CHECKPOINT_FORMATS,
     CONF_DIR,
     ConfigError,
     ParallelConfig,
-    config_or_none,
+    SlurmConfig,
     one_of,
     require,
     validate_parallel,
 )
-from pipeline.data.loader import DataConfig
+from pipeline.schema import DataConfig
 
-log = logging.getLogger("pipeline.finetune")
 FT_CONF_DIR = CONF_DIR / "finetune"
 DEFAULT_PRESET = "vit_base_in1k"
 
@@ -122,7 +111,10 @@ class FinetuneTrainConfig:
     eval_every: int = 0
     """Steps between validations (0: once per epoch); the last step is always evaluated."""
     log_every: int = 20
-    """Steps between console logs (metrics.jsonl gets every step)."""
+    """Steps between logs (console, metrics.jsonl, TensorBoard; evaluation steps log too); the steps in between
+    make no host sync."""
+    stop_check_every: int = 0
+    """With several ranks, steps between agreeing on a stop request besides log steps (0: log steps only)."""
     ckpt_every: int = 1000
     """Steps between checkpoints (a final one is always written)."""
     keep_last: int = 2
@@ -150,6 +142,8 @@ class FinetuneConfig:
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """For python -m slurm.submit --task finetune (conf/slurm/)."""
 
 
 ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
@@ -175,9 +169,9 @@ def validate(cfg: FinetuneConfig, check_files: bool = True) -> None:
         )
     if check_files and i.run:
         require(
-            os.path.isfile(os.path.join(i.run, "export.safetensors")),
+            os.path.isfile(os.path.join(i.run, rundir.EXPORT)),
             "init.run",
-            f"{i.run}/export.safetensors not found (unfinished run?)",
+            f"{i.run}/{rundir.EXPORT} not found (unfinished run?)",
         )
     if check_files and i.checkpoint:
         require(os.path.isfile(i.checkpoint), "init.checkpoint", f"file not found: {i.checkpoint}")
@@ -236,21 +230,3 @@ def load_config(overrides: list[str] | None = None, check_files: bool = True) ->
     cfg.run_dir = cfg.run_dir or os.path.join("runs", cfg.name)
     validate(cfg, check_files)
     return cfg
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = config_or_none(load_config, sys.argv[1:] if argv is None else argv)
-    if cfg is None:
-        return 2
-    from pipeline.eval.finetune_loop import run
-    from pipeline.parallel.dist import shutdown_distributed
-
-    t0 = time.perf_counter()
-    result = run(cfg)
-    shutdown_distributed()
-    log.info(f"fine-tuning {result['status']} in {time.perf_counter() - t0:.0f}s: {result}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
