@@ -7,17 +7,19 @@ layouts, head counts) are made by pipeline.distill.plan on meta-device builds, b
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from pipeline.schema import (  # noqa: F401  (re-exported: the schema's names are also pipeline.config's)
     CHECKPOINT_FORMATS,
@@ -43,61 +45,182 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ConfigStore.instance().store(name="schema", node=RootConfig)
 
 
+class ConfigTree:
+    """A Hydra config tree with its schema: composes overrides, explains what is wrong, validates.
+
+    Pretraining composes conf/config.yaml (``PRETRAIN``); fine-tuning a preset of conf/finetune/ chosen with
+    ``preset=NAME`` (pipeline.finetune.config). Every Hydra or OmegaConf error becomes one ConfigError whose
+    message starts with the key to change, keeps the reason and suggests the nearest valid key or option.
+    """
+
+    def __init__(
+        self,
+        conf_dir: Path,
+        schema: type,
+        validate: Callable[[Any, bool], None],
+        config_name: str = "config",
+        presets: bool = False,
+        searchpath: tuple[Path, ...] = (),
+        groups: tuple[str, ...] = (),
+    ):
+        self.conf_dir, self.schema, self.validate = conf_dir, schema, validate
+        self.config_name, self.presets, self.searchpath = config_name, presets, searchpath
+        self.groups = groups
+        """The groups --help lists (GROUP@PACKAGE where options are placed under a name)."""
+
+    def split(self, overrides: list[str]) -> tuple[str, list[str]]:
+        """(primary config name, the other overrides): ``preset=NAME`` picks the primary where there are presets."""
+        if not self.presets:
+            return self.config_name, list(overrides)
+        chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("preset=")]
+        name = chosen[-1] if chosen else self.config_name
+        options = self.preset_options()
+        require(
+            name in options,
+            "preset",
+            f"no option {name!r}{suggest(name, options)}; options: {', '.join(options)}",
+        )
+        return name, [o for o in overrides if not o.startswith("preset=")]
+
+    def preset_options(self) -> list[str]:
+        return sorted(p.stem for p in self.conf_dir.glob("*.yaml"))
+
+    @contextlib.contextmanager
+    def hydra(self):
+        """Hydra initialised on this tree (for composing, and for the defaults list and group options)."""
+        with initialize_config_dir(config_dir=str(self.conf_dir), version_base="1.3"):
+            yield GlobalHydra.instance()
+
+    def _search(self) -> list[str]:
+        paths = ",".join(f"file://{p}" for p in self.searchpath)
+        return [f"hydra.searchpath=[{paths}]"] if paths else []
+
+    def compose(self, overrides: list[str], with_hydra: bool = False) -> DictConfig:
+        name, rest = self.split(overrides)
+        try:
+            with self.hydra():
+                return compose(
+                    config_name=name, overrides=[*self._search(), *rest], return_hydra_config=with_hydra
+                )
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(self.explain(err, overrides)) from None
+
+    def load(self, overrides: list[str] | None = None, check_files: bool = True) -> Any:
+        overrides = list(overrides or [])
+        composed = self.compose(overrides)
+        try:
+            cfg = OmegaConf.to_object(composed)  # the schema's own checks (DataConfig) raise ConfigError here
+        except OmegaConfBaseException as err:
+            raise ConfigError(self.explain(err, overrides)) from None
+        assert isinstance(cfg, self.schema)
+        if not cfg.run_dir:
+            cfg.run_dir = os.path.join("runs", cfg.name)
+        self.validate(cfg, check_files)
+        return cfg
+
+    def keys(self, overrides: list[str] = ()) -> list[str]:
+        """Every dotted key of the composed config (its groups at their current choice)."""
+        name, _ = self.split(list(overrides))
+        with self.hydra():
+            composed = compose(config_name=name, overrides=self._search())
+        return dotted_keys(OmegaConf.to_container(composed, resolve=False))
+
+    def group_options(self, group: str) -> list[str]:
+        """The options of a config group (``GROUP@PACKAGE`` too), found in this tree or its search path."""
+        if group == "preset" and self.presets:
+            return self.preset_options()
+        name = group.split("@")[0]
+        return sorted({p.stem for d in (self.conf_dir, *self.searchpath) for p in (d / name).glob("*.yaml")})
+
+    def explain(self, err: Exception, overrides: list[str]) -> str:
+        """``KEY: WHAT IS WRONG`` for a Hydra / OmegaConf error, with the nearest valid key or option."""
+        if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
+            group, _, option = err.missing_cfg_file.rpartition("/")
+            return f"{group}: no option {option!r}{suggest(option, err.options)}; options: {', '.join(err.options)}"
+        if isinstance(err, OverrideParseException):
+            return (
+                f"overrides: {_head(err)} (Hydra override grammar: KEY=VALUE, +KEY=VALUE, ~KEY, GROUP=OPTION)"
+            )
+        cause = _omegaconf_cause(err)
+        key = getattr(cause, "full_key", None) if cause is not None else None
+        if key and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+            near = suggest(key, self._safe_keys(overrides))
+            section = key.rpartition(".")[0]
+            is_dict = section.rpartition(".")[2] in DICT_FIELDS
+            added = f"; to add a key to {section}, write +{key}=VALUE" if is_dict and not near else ""
+            return f"{key}: not a key of {section or 'the config'}{near}{added}"
+        if key and cause is not None:
+            return f"{key}: {_head(cause)}"
+        return _head(err)
+
+    def _safe_keys(self, overrides: list[str]) -> list[str]:
+        try:
+            return self.keys(overrides)
+        except Exception:  # noqa: BLE001 - a suggestion must never hide the error it explains
+            return []
+
+
+def dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """Leaf keys of a nested dict as 'a.b.c' (lists are leaves)."""
+    if not isinstance(node, dict):
+        return [prefix] if prefix else []
+    out = [] if not prefix else [prefix]
+    for k, v in node.items():
+        out += dotted_keys(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+# Fields typed dict[str, ...]: new keys are added with +KEY=VALUE (Hydra's struct mode refuses KEY=VALUE).
+DICT_FIELDS = ("model_kwargs", "teachers", "terms", "extra", "deepspeed")
+# Names people bring from other trainers, and what this schema calls them.
+KNOWN_NAMES = {
+    "optim.lr": "optim.base_lr (lr = base_lr x global batch / 256)",
+    "train.epochs": "train.steps (an epoch is a derived number of steps)",
+    "train.max_steps": "train.steps",
+    "data.workers": "data.num_workers",
+    "optim.grad_clip": "optim.clip_grad",
+}
+
+
+def suggest(word: str, candidates: list[str]) -> str:
+    """' (did you mean X?)' with the nearest candidate, or ''. A dotted key is compared with the keys of its own
+    section, by name: those containing the misspelt name first (optim.lr -> optim.base_lr), then the closest."""
+    if word in KNOWN_NAMES and KNOWN_NAMES[word].split()[0] in candidates:
+        return f" (did you mean {KNOWN_NAMES[word]}?)"
+    section, _, name = word.rpartition(".")
+    names = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == section and c != word}
+    containing = [full for n, full in names.items() if name and name in n]
+    near = containing[:2] or [names[n] for n in difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)]
+    return f" (did you mean {' or '.join(near)}?)" if near else ""
+
+
+def _omegaconf_cause(err: BaseException) -> BaseException | None:
+    """The innermost OmegaConf error that names a key (Hydra wraps them)."""
+    found, seen = None, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def _head(err: BaseException) -> str:
+    """The first line of an error, without OmegaConf's "full_key: ..." trailer."""
+    msg = str(err).strip()
+    return msg.splitlines()[0] if msg else type(err).__name__
+
+
 def load_config(overrides: list[str] | None = None, check_files: bool = True) -> RootConfig:
     """Compose conf/config.yaml with Hydra overrides into a validated RootConfig.
 
     Raises ConfigError (naming the key) for unknown keys, wrong types and invalid values.
     """
-    overrides = list(overrides or [])
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            composed = compose(config_name="config", overrides=overrides)
-        cfg = OmegaConf.to_object(composed)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_first_line(err)) from None
-    assert isinstance(cfg, RootConfig)
-    if not cfg.run_dir:
-        cfg.run_dir = os.path.join("runs", cfg.name)
-    validate(cfg, check_files=check_files)
-    return cfg
-
-
-def _first_line(err: Exception) -> str:
-    msg = str(err).strip()
-    # OmegaConf appends "full_key: ..., object_type=..." lines; the key is what the user needs.
-    key = getattr(err, "full_key", None)
-    head = msg.splitlines()[0] if msg else type(err).__name__
-    return f"{key}: {head}" if key and key not in head else head
+    return PRETRAIN.load(overrides, check_files)
 
 
 def to_yaml(cfg: RootConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-T = TypeVar("T")
-
-
-def config_or_none(load: Callable[[list[str]], T], argv: list[str]) -> T | None:
-    """``load(argv)``, or None after printing the ConfigError (a command line's main then exits 2)."""
-    try:
-        return load(argv)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return None
-
-
-def run_cli(load: Callable[[list[str]], T], run: Callable[[T], object], argv: list[str]) -> int:
-    """A command line's main: load and validate, then run; a ConfigError from either (some only show once the
-    ranks are up, e.g. parallel.strategy=none on several) prints one line and exits 2."""
-    cfg = config_or_none(load, argv)
-    if cfg is None:
-        return 2
-    try:
-        run(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def validate_parallel(p: ParallelConfig) -> None:
@@ -229,3 +352,21 @@ def validate_terms(cfg: RootConfig) -> None:
         one_of(tc.format, f"teachers.{name}.format", CHECKPOINT_FORMATS)
         one_of(tc.grid_rule, f"teachers.{name}.grid_rule", ("resize", "interpolate", "none"))
         validate_std(tc.std, f"teachers.{name}.std")
+
+
+PRETRAIN = ConfigTree(
+    CONF_DIR,
+    RootConfig,
+    validate,
+    groups=(
+        "student",
+        "distill",
+        "optim",
+        "data",
+        "parallel",
+        "slurm",
+        "experiment",
+        "teacher@teachers.NAME",
+        "term@distill.terms.NAME",
+    ),
+)

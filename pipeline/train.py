@@ -18,7 +18,8 @@ from torch import nn
 
 from pipeline import rundir
 from pipeline.checkpoint import save_safetensors
-from pipeline.config import RootConfig, load_config, run_cli, to_yaml
+from pipeline.cli import App, run_command
+from pipeline.config import PRETRAIN, RootConfig, to_yaml
 from pipeline.data.loader import ShardLoader
 from pipeline.distill import Built, build, resolve_dtype
 from pipeline.loop import LoopSettings, Task, TrainLoop, start_run
@@ -102,9 +103,17 @@ def run(cfg: RootConfig, stop_requested: Callable[[], bool] | None = None) -> st
     return prepare(cfg, info, device).run(stop_requested)
 
 
+APP = App(
+    "python -m pipeline.train",
+    "pretrain a ViT student by distillation from named teachers (or prepare a teacher on the same trainer)",
+    PRETRAIN,
+    console_script="hd-train",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run_cli(load_config, run, sys.argv[1:] if argv is None else argv)
+        return run_command(APP, sys.argv[1:] if argv is None else argv, run)
     finally:
         shutdown_distributed()
 

@@ -22,12 +22,13 @@ from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import SlurmJob
 
 from pipeline import rundir
-from pipeline.config import ConfigError, RootConfig, load_config
-from pipeline.finetune.config import FinetuneConfig
+from pipeline.cli import App, handle_flags, hydra_parser
+from pipeline.config import PRETRAIN, ConfigError, RootConfig, load_config
+from pipeline.finetune.config import FINETUNE, FinetuneConfig
 from pipeline.finetune.config import load_config as load_finetune_config
+from pipeline.sweep import load_sweep
 from slurm import job
 from slurm.executor import make_executor, sbatch_script, tasks_per_node
-from slurm.sweep import expand
 
 TASKS = {"pretrain": (load_config, job.train), "finetune": (load_finetune_config, job.finetune)}
 Config = RootConfig | FinetuneConfig
@@ -35,18 +36,7 @@ Config = RootConfig | FinetuneConfig
 
 def load_runs(overrides: list[str], check_files: bool = True, task: str = "pretrain") -> list[Config]:
     """One validated config per sweep combination, with absolute and distinct run directories."""
-    try:
-        combos = expand(overrides)
-    except ValueError as err:
-        raise ConfigError(f"overrides: {err}") from None
-    load = TASKS[task][0]
-    cfgs = [load(c.overrides, check_files=check_files) for c in combos]
-    if len({c.run_dir for c in cfgs}) < len(cfgs):
-        # The sweep does not change run_dir itself: one sub-directory per combination, named by its values.
-        for cfg, combo in zip(cfgs, combos):
-            cfg.run_dir = os.path.join(cfg.run_dir, combo.dirname)
-    for cfg in cfgs:  # the job may start in another directory; the run directory must not move with it
-        cfg.run_dir = os.path.abspath(cfg.run_dir)
+    cfgs = load_sweep(overrides, TASKS[task][0], check_files)
     if any(cfg.slurm != cfgs[0].slurm for cfg in cfgs):
         raise ConfigError("slurm: settings cannot differ between the runs of one sweep (one array job)")
     ranks = cfgs[0].slurm.nodes * tasks_per_node(cfgs[0].slurm)
@@ -128,10 +118,54 @@ def reason(err: Exception) -> str:
     return lines[-1] if len(parts) >= 3 and lines else (lines[0] if lines else type(err).__name__)
 
 
+# What sbatch says when a setting is to blame, and the key that sets it.
+SBATCH_BLAME = [
+    ("generic resource", "slurm.gpus_per_node", "set slurm.gpus_per_node=0 on a partition without GPUs"),
+    ("gres", "slurm.gpus_per_node", "set slurm.gpus_per_node=0 on a partition without GPUs"),
+    ("invalid partition", "slurm.partition", "sinfo lists the partitions"),
+    ("invalid account", "slurm.account", "sacctmgr show assoc user=$USER lists yours"),
+    ("invalid qos", "slurm.qos", "sacctmgr show qos lists them"),
+    ("invalid feature", "slurm.constraint", "sinfo -o %f lists the node features"),
+    ("time limit", "slurm.time", "the partition's limit: sinfo -o %l"),
+    ("memory specification", "slurm.mem", "the nodes' memory: sinfo -o %m"),
+    ("node count", "slurm.nodes", "the partition's nodes: sinfo"),
+    (
+        "node configuration is not available",
+        "slurm.nodes",
+        "nodes x tasks_per_node x cpus_per_task, mem or "
+        "gpus_per_node exceed what a node has: sinfo -o '%D %c %m %G'",
+    ),
+    ("cpu count per node", "slurm.cpus_per_task", "the nodes' CPUs: sinfo -o %c"),
+]
+
+
+def blame(message: str) -> str:
+    """``slurm.KEY: sbatch refused the job: ... (hint)`` where a setting is to blame, else the message."""
+    low = message.lower()
+    for needle, key, hint in SBATCH_BLAME:
+        if needle in low:
+            return f"{key}: sbatch refused the job: {message} ({hint})"
+    return f"slurm: sbatch refused the job: {message}"
+
+
+OWN_FLAGS = (
+    "--task pretrain|finetune  what to submit: pipeline.train (default) or pipeline.finetune (preset=NAME ...)",
+    "--dry-run             print the sbatch script; submit nothing",
+    "--wait                follow rank 0's logs until the job ends",
+    "--sweep KEY=A,B       a swept key (repeatable); KEY=A,B among the overrides sweeps too: one array job",
+)
+APPS = {
+    task: App(
+        f"python -m slurm.submit --task {task}", f"submit {what} to Slurm", tree, "hd-submit", OWN_FLAGS
+    )
+    for task, what, tree in (("pretrain", "pretraining", PRETRAIN), ("finetune", "fine-tuning", FINETUNE))
+}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m slurm.submit",
-        description="Submit training to Slurm; the config is validated here, before anything is queued.",
+    parser = hydra_parser(
+        "python -m slurm.submit",
+        "Submit training to Slurm; the config is validated here, before anything is queued.",
     )
     parser.add_argument(
         "--task",
@@ -144,15 +178,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--sweep", action="append", default=[], metavar="KEY=V1,V2", help="a swept key (repeatable)"
     )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides; KEY=V1,V2 sweeps as well")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    args.overrides = args.overrides + args.sweep  # a sweep is always one array job here (-m is implied)
     try:
-        cfgs = load_runs(args.overrides + args.sweep, task=args.task)
+        answered = handle_flags(APPS[args.task], args)
+        if answered is not None:
+            return answered
+        cfgs = load_runs(args.overrides, task=args.task)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -165,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         jobs = submit(cfgs, command, args.task)
     except FailedJobError as err:  # sbatch refused the job (bad partition, account, GRES, ...)
-        print(f"sbatch failed: {str(err).strip()}", file=sys.stderr)
-        return 1
+        print(f"config error: {blame(' '.join(str(err).split()))}", file=sys.stderr)
+        return 2
     for cfg, j in zip(cfgs, jobs):
         stdout, stderr = log_paths(j)
         print(f"submitted job {j.job_id} ({j.num_tasks} tasks)")

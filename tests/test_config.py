@@ -77,65 +77,73 @@ def test_paper_setup_is_one_override_away():
     ]
 
 
-@pytest.mark.parametrize(
-    "overrides, key",
-    [
-        (["distill.not_a_key=1"], "not_a_key"),
-        (["train.steps=many"], "train.steps"),
-        (["distill.terms.feat.weight=0", "distill.terms.rel.weight=0"], "distill.terms"),
-        (["teachers.feature.checkpoint=/nonexistent/teacher.pth"], "teachers.feature.checkpoint"),
-        (["distill.mask.selection=best"], "distill.mask.selection"),
-        (["parallel.zero_stage=4"], "parallel.zero_stage"),
-        (["distill.terms.rel.student_layers=[0,99]"], "distill.terms.rel.student_layers"),
-        # a layer beyond a teacher's depth (the relation teacher has 4 blocks, the feature teacher 2)
-        (
-            ["distill.terms.rel.student_layers=[0]", "distill.terms.rel.teacher_layers=[4]"],
-            "distill.terms.rel.teacher_layers",
-        ),
-        (["distill.terms.feat.teacher_layer=2"], "distill.terms.feat.teacher_layer"),
-        # zero std of any model
-        (["teachers.relation.std=[0,0,0]"], "teachers.relation.std"),
-        (["student.std=[0.3,0,0.3]"], "student.std"),
-        # unknown family, and a layout that is not the family's
-        (["teachers.feature.arch=resnet18"], "teachers.feature.arch"),
-        (["teachers.feature.format=eva"], "teachers.feature.format"),
-        (["student.arch=eva02_tiny_patch14_224", "student.model_kwargs={}"], "student.arch"),
-        # a loss term naming no teacher, or one that is not there
-        (["distill.terms.rel.teacher=nobody"], "distill.terms.rel.teacher"),
-        (["+term@distill.terms.extra=features"], "distill.terms.extra.teacher"),
-        (["distill.terms.rel.kind=attention"], "distill.terms.rel.kind"),
-        (["distill.mask.score_source=nobody"], "distill.mask.score_source"),
-        # a score teacher with neither class token nor MAP head
-        (
-            [
-                "+teachers.feature.model_kwargs.class_token=false",
-                "+teachers.feature.model_kwargs.global_pool=avg",
-            ],
-            "distill.mask.score_source",
-        ),
-        (
-            [
-                "+teachers.feature.model_kwargs.class_token=false",
-                "+teachers.feature.model_kwargs.global_pool=avg",
-                "distill.mask.score_source=random",
-                "distill.terms.feat.class_token=true",
-            ],
-            "distill.terms.feat.class_token",
-        ),
-        # relation heads that do not divide both attention widths (32 = 2 x 16 and 4 x 8)
-        (["distill.terms.rel.heads=3"], "distill.terms.rel.heads"),
-        (["distill.terms.rel.heads=many"], "distill.terms.rel.heads"),
-        (
-            ["teachers.feature.model_kwargs.embed_dim=64", "distill.terms.feat.head=identity"],
-            "distill.terms.feat.head",
-        ),
-        (["train.term_grad_norm_every=3"], "train.term_grad_norm_every"),
-    ],
-)
+INVALID = [
+    (["distill.not_a_key=1"], "distill.not_a_key"),
+    (["train.steps=many"], "train.steps"),
+    (["distill.terms.feat.weight=0", "distill.terms.rel.weight=0"], "distill.terms"),
+    (["teachers.feature.checkpoint=/nonexistent/teacher.pth"], "teachers.feature.checkpoint"),
+    (["distill.mask.selection=best"], "distill.mask.selection"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage"),
+    (["distill.terms.rel.student_layers=[0,99]"], "distill.terms.rel.student_layers"),
+    # a layer beyond a teacher's depth (the relation teacher has 4 blocks, the feature teacher 2)
+    (
+        ["distill.terms.rel.student_layers=[0]", "distill.terms.rel.teacher_layers=[4]"],
+        "distill.terms.rel.teacher_layers",
+    ),
+    (["distill.terms.feat.teacher_layer=2"], "distill.terms.feat.teacher_layer"),
+    # zero std of any model
+    (["teachers.relation.std=[0,0,0]"], "teachers.relation.std"),
+    (["student.std=[0.3,0,0.3]"], "student.std"),
+    # unknown family, and a layout that is not the family's
+    (["teachers.feature.arch=resnet18"], "teachers.feature.arch"),
+    (["teachers.feature.format=eva"], "teachers.feature.format"),
+    (["student.arch=eva02_tiny_patch14_224", "student.model_kwargs={}"], "student.arch"),
+    # a loss term naming no teacher, or one that is not there
+    (["distill.terms.rel.teacher=nobody"], "distill.terms.rel.teacher"),
+    (["+term@distill.terms.extra=features"], "distill.terms.extra.teacher"),
+    (["distill.terms.rel.kind=attention"], "distill.terms.rel.kind"),
+    (["distill.mask.score_source=nobody"], "distill.mask.score_source"),
+    # a score teacher with neither class token nor MAP head
+    (
+        [
+            "+teachers.feature.model_kwargs.class_token=false",
+            "+teachers.feature.model_kwargs.global_pool=avg",
+        ],
+        "distill.mask.score_source",
+    ),
+    (
+        [
+            "+teachers.feature.model_kwargs.class_token=false",
+            "+teachers.feature.model_kwargs.global_pool=avg",
+            "distill.mask.score_source=random",
+            "distill.terms.feat.class_token=true",
+        ],
+        "distill.terms.feat.class_token",
+    ),
+    # relation heads that do not divide both attention widths (32 = 2 x 16 and 4 x 8)
+    (["distill.terms.rel.heads=3"], "distill.terms.rel.heads"),
+    (["distill.terms.rel.heads=many"], "distill.terms.rel.heads"),
+    (
+        ["teachers.feature.model_kwargs.embed_dim=64", "distill.terms.feat.head=identity"],
+        "distill.terms.feat.head",
+    ),
+    (["train.term_grad_norm_every=3"], "train.term_grad_norm_every"),
+    # the data group's own checks, and a wrong type anywhere
+    (["data.batch_size=0"], "data.batch_size"),
+    (["data.batch_size=abc"], "data.batch_size"),
+    (["data.mode=forever"], "data.mode"),
+    (["data.crop_scale=[0.5]"], "data.crop_scale"),
+    (["data.num_workers=-1"], "data.num_workers"),
+    (["student=vit_bse"], "student"),
+    (["a=b=c"], "overrides"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", INVALID)
 def test_invalid_configs_name_their_key(ckpts, overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config(smoke(*ckpts, *overrides))
-    assert key in str(err.value), str(err.value)
+    assert str(err.value).startswith(f"{key}: "), str(err.value)
 
 
 def test_grid_mismatch_without_rule_is_rejected(ckpts):

@@ -22,10 +22,10 @@ from submitit.core.utils import UncompletedJobError
 
 from pipeline.config import ConfigError, SlurmConfig, load_config
 from pipeline.parallel.dist import dist_info_from_env, port_from_job_id
+from pipeline.sweep import expand
 from slurm import job as slurm_job
 from slurm.executor import make_executor, sbatch_parameters, sbatch_script
 from slurm.submit import finished, load_runs, log_paths, main, reason, submit
-from slurm.sweep import expand
 from tests.helpers import random_vit, write_mae
 from tests.test_data_loader import write_shards
 from tests.test_evaluate import fmnist_shards, write_run
@@ -507,3 +507,14 @@ def test_preempted_finetune_requeues_resumes_and_ends_with_the_same_weights(ft_a
     b = load_file(str(Path(ref_cfg.run_dir) / "finetuned.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (Path(cfg.run_dir) / "git_revision.txt").exists()
+
+
+@slurm_test
+def test_sbatch_refusal_names_the_slurm_key(assets, tmp_path, capsys) -> None:
+    """The local cluster has no GPUs: conf/slurm/default.yaml's 8 GPUs per node are refused by sbatch, and the
+    message says which key to change."""
+    over = smoke(assets, tmp_path / "run", "train.steps=2", "slurm.nodes=1", "slurm.tasks_per_node=1")
+    assert main([*over, "slurm.gpus_per_node=8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after what sbatch itself printed
+    assert err.startswith("config error: slurm.gpus_per_node: sbatch refused the job"), err
+    assert "gres" in err.lower() and "slurm.gpus_per_node=0" in err

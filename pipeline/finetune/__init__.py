@@ -23,12 +23,20 @@ import logging
 import sys
 import time
 
-from pipeline.config import run_cli
-from pipeline.finetune.config import AugmentConfig, FinetuneConfig, load_config, validate
+from pipeline.cli import App, run_command
+from pipeline.finetune.config import FINETUNE, AugmentConfig, FinetuneConfig, load_config, validate
 
 __all__ = ["AugmentConfig", "FinetuneConfig", "load_config", "main", "validate"]
 
 log = logging.getLogger("pipeline.finetune")
+
+
+APP = App(
+    "python -m pipeline.finetune",
+    "fine-tune a pretrained ViT end to end in MAE's recipe (preset=NAME picks conf/finetune/NAME.yaml)",
+    FINETUNE,
+    console_script="hd-finetune",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
             f"fine-tuning {result.get('status', 'completed')} in {time.perf_counter() - t0:.0f}s: {result}"
         )
 
-    return run_cli(load_config, finetune, sys.argv[1:] if argv is None else argv)
+    return run_command(APP, sys.argv[1:] if argv is None else argv, finetune)

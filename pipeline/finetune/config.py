@@ -17,7 +17,7 @@ from pipeline import rundir
 from pipeline.config import (
     CHECKPOINT_FORMATS,
     CONF_DIR,
-    ConfigError,
+    ConfigTree,
     ParallelConfig,
     SlurmConfig,
     one_of,
@@ -205,28 +205,17 @@ def validate(cfg: FinetuneConfig, check_files: bool = True) -> None:
             require(os.path.isfile(os.path.join(path, "manifest.json")), key, f"no manifest.json in {path!r}")
 
 
+FINETUNE = ConfigTree(
+    FT_CONF_DIR,
+    FinetuneConfig,
+    validate,
+    config_name=DEFAULT_PRESET,
+    presets=True,
+    searchpath=(CONF_DIR,),  # the presets take their parallel and slurm groups from the pretraining tree
+    groups=("preset", "parallel", "slurm"),
+)
+
+
 def load_config(overrides: list[str] | None = None, check_files: bool = True) -> FinetuneConfig:
     """Compose conf/finetune/PRESET.yaml (``preset=NAME`` among the overrides, default vit_base_in1k)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    rest = [o for o in overrides or [] if not o.startswith("preset=")]
-    presets = [o.split("=", 1)[1] for o in overrides or [] if o.startswith("preset=")]
-    preset = presets[-1] if presets else DEFAULT_PRESET
-    if not (FT_CONF_DIR / f"{preset}.yaml").is_file():
-        known = sorted(p.stem for p in FT_CONF_DIR.glob("*.yaml"))
-        raise ConfigError(f"preset: no conf/finetune/{preset}.yaml (known: {', '.join(known)})")
-    try:
-        with initialize_config_dir(config_dir=str(FT_CONF_DIR), version_base="1.3"):
-            # conf/ on the search path: the presets take their `parallel` group from the pretraining tree
-            search = f"hydra.searchpath=[file://{CONF_DIR}]"
-            cfg = OmegaConf.to_object(compose(config_name=preset, overrides=[search, *rest]))
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
-        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-        raise ConfigError(" ".join(lines[:2])) from None  # Hydra's second line names the key and the schema
-    assert isinstance(cfg, FinetuneConfig)
-    cfg.run_dir = cfg.run_dir or os.path.join("runs", cfg.name)
-    validate(cfg, check_files)
-    return cfg
+    return FINETUNE.load(overrides, check_files)

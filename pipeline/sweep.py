@@ -1,4 +1,5 @@
-"""Sweeps: Hydra multirun syntax (`key=a,b`, `key=range(0,3)`, `key=choice(x,y)`) -> one override list per run.
+"""Sweeps: Hydra multirun syntax (`key=a,b`, `key=range(0,3)`, `key=choice(x,y)`) -> one override list per run,
+for `-m` on the command line (pipeline.cli) and for Slurm array jobs (slurm.submit).
 
 Hydra's own override parser decides what is a sweep, so a list value such as `distill.terms.rel.student_layers=[1,3]` is
 not split, and quoting works as in `--multirun`.
@@ -7,11 +8,18 @@ not split, and quoting works as in `--multirun`.
 from __future__ import annotations
 
 import itertools
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
+
+from pipeline.schema import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,3 +48,21 @@ def expand(overrides: list[str]) -> list[Combination]:
         if o.is_sweep_override()
     ]
     return [Combination(fixed + list(values), ",".join(values)) for values in itertools.product(*axes)]
+
+
+def load_sweep(
+    overrides: list[str], load: Callable[[list[str], bool], T], check_files: bool = True
+) -> list[T]:
+    """One validated config per combination, with absolute and distinct run directories: when the sweep does not
+    change run_dir itself, each combination gets <run_dir>/<its values>. Every config is checked before any runs."""
+    try:
+        combos = expand(overrides)
+    except ValueError as err:
+        raise ConfigError(f"overrides: {err}") from None
+    cfgs = [load(c.overrides, check_files) for c in combos]
+    if len({c.run_dir for c in cfgs}) < len(cfgs):
+        for cfg, combo in zip(cfgs, combos):
+            cfg.run_dir = os.path.join(cfg.run_dir, combo.dirname)
+    for cfg in cfgs:  # a job may start in another directory; the run directory must not move with it
+        cfg.run_dir = os.path.abspath(cfg.run_dir)
+    return cfgs
