@@ -10,23 +10,17 @@ per-term gradient norms), which shows the counter sees them.
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from pipeline.models.geometry import create_vit
-from tests.test_parallel import SMOKE_F, SMOKE_R, job, launch
+from tests.test_parallel import job, launch
 
 STEPS, LOG_EVERY = 6, 3
 
 
 @pytest.fixture(scope="module")
-def counted(tmp_path_factory) -> dict:
+def counted(tmp_path_factory, smoke_teachers) -> dict:
     tmp = tmp_path_factory.mktemp("host_sync")
     (tmp / "out").mkdir()
-    torch.manual_seed(0)
-    f, r = tmp / "f.safetensors", tmp / "r.safetensors"
-    save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_F).state_dict()), str(f))
-    save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_R).state_dict()), str(r))
+    f, r = smoke_teachers["feature"], smoke_teachers["relation"]
     base = ["experiment=smoke", f"teachers.feature.checkpoint={f}", f"teachers.relation.checkpoint={r}"]
     base += ["optim.accum_steps=2", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}"]
     base += [f"train.term_grad_norm_every={LOG_EVERY}", "distill.mask.score_source=random"]

@@ -21,16 +21,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, load_config
-from pipeline.models.geometry import create_vit
 from pipeline.parallel.ds_config import build_ds_config
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
-SMOKE_F = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
-SMOKE_R = {"patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 4}
 STEPS, GLOBAL_BATCH = 4, 8
 STRATEGIES = {
     "ddp": ["parallel=ddp"],
@@ -85,13 +82,10 @@ def launch(tmp: Path, phase: str, world: int, jobs: list[dict], overrides: list[
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory, smoke_teachers) -> dict:
     tmp = tmp_path_factory.mktemp("parallel")
     (tmp / "out").mkdir()
-    torch.manual_seed(0)
-    f, r = tmp / "f.safetensors", tmp / "r.safetensors"
-    save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_F).state_dict()), str(f))
-    save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_R).state_dict()), str(r))
+    f, r = smoke_teachers["feature"], smoke_teachers["relation"]
     base = ["experiment=smoke", f"teachers.feature.checkpoint={f}", f"teachers.relation.checkpoint={r}"]
     base += ["optim.accum_steps=2", f"train.steps={STEPS}"]
     rd = tmp / "runs"
@@ -224,15 +218,12 @@ def test_deepspeed_pass_through_cannot_take_over_what_the_trainer_owns(key):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
-def test_trainer_runs_two_ranks_then_resumes_on_one(tmp_path, strategy):
+def test_trainer_runs_two_ranks_then_resumes_on_one(tmp_path, smoke_teachers, strategy):
     """pipeline.train end to end: torchrun with 2 ranks, then a 1-rank restart that resumes and exports."""
     from tests.test_data_loader import write_shards
 
     shards = write_shards(tmp_path / "shards", 64, 16)
-    torch.manual_seed(0)
-    f, r = tmp_path / "f.safetensors", tmp_path / "r.safetensors"
-    save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_F).state_dict()), str(f))
-    save_file(dict(create_vit("vit_tiny_patch16_224", 32, SMOKE_R).state_dict()), str(r))
+    f, r = smoke_teachers["feature"], smoke_teachers["relation"]
     run_dir = tmp_path / "run"
     args = ["experiment=smoke", *STRATEGIES[strategy], f"data.train_shards={shards}", "data.batch_size=4"]
     args += [f"teachers.feature.checkpoint={f}", f"teachers.relation.checkpoint={r}", f"run_dir={run_dir}"]
