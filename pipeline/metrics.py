@@ -1,9 +1,10 @@
-"""Metrics without host syncs between log steps, written to the console, run_dir/metrics.jsonl and TensorBoard.
+"""Metrics without host syncs between log steps, written to the console, run_dir/metrics.jsonl and TensorBoard
+(and to Weights & Biases when tracking.wandb is on, pipeline.tracking).
 
 A step's values stay on the device: ``Window`` sums them there, and only a log step (train.log_every) moves the
 window's means to the host, in one collective over the ranks (which also carries the stop flag, see
 pipeline.loop). ``Timer`` measures a region with CUDA events, read at log steps, instead of synchronising to read
-a clock. ``MetricLogger`` then writes one record per log step to all three places.
+a clock. ``MetricLogger`` then writes one record per log step to each place.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as torch_dist
 
 from pipeline import rundir
+from pipeline.tracking import TrackingConfig, WandbRun
 
 log = logging.getLogger("pipeline.train")
 
@@ -158,15 +160,23 @@ class HostTransfers:
 
 
 class MetricLogger:
-    """Only rank 0 writes. metrics.jsonl holds one object per log step: "step", then the window's means."""
+    """Only rank 0 writes. metrics.jsonl holds one object per log step: "step", then the window's means.
+    TensorBoard and W&B get the numeric values under the same names, train/<key>."""
 
     def __init__(
-        self, run_dir: str | Path, total_steps: int, log_every: int, enabled: bool, start_step: int = 0
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        log_every: int,
+        enabled: bool,
+        start_step: int = 0,
+        tracking: TrackingConfig | None = None,
     ):
         self.enabled, self.total, self.log_every = enabled, total_steps, log_every
         self.start_step, self.t_start = start_step, time.perf_counter()
         self.path = Path(run_dir) / rundir.METRICS
         self.tb = None
+        self.wandb = WandbRun(tracking, run_dir) if enabled and tracking and tracking.wandb else None
         if enabled:
             self._truncate_after(start_step)
             try:
@@ -192,10 +202,12 @@ class MetricLogger:
         record = {"step": step, **{k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {f"train/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(step, scalars)
         elapsed = time.perf_counter() - self.t_start
         done = step - self.start_step
         eta = elapsed / done * (self.total - step) if done else 0.0
@@ -207,3 +219,5 @@ class MetricLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
