@@ -12,12 +12,20 @@ import torch
 
 from pipeline.analysis import (
     analyze_encoder,
+    exceeds_spread,
+    format_mean_std,
+    kept_token_figure,
+    layer_rows,
     main,
     markdown_table,
+    mean_std,
     plot_attention_distance,
+    plot_diversity,
     plot_training_curves,
+    training_curves_figure,
     write_report,
 )
+from pipeline.distill.masking import num_kept, select_tokens
 from pipeline.eval.attention import (
     attention_distance,
     attention_nmi,
@@ -159,3 +167,69 @@ def test_cli_writes_the_report(tmp_path: Path) -> None:
         assert (runs[0] / png).read_bytes()[:8] == PNG_MAGIC
     saved = json.loads((runs[0] / "analysis.json").read_text())
     assert np.asarray(saved["other"]["distance"]).shape == (4, 2)
+
+
+def test_mean_std_is_the_sample_std_and_the_spread_rule() -> None:
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sum of squares 2, over N - 1 = 2
+    assert mean_std([4.0]) == (4.0, None)
+    assert format_mean_std([70.0, 71.0, 72.5]) == "71.17 ± 1.26"  # by hand: deviations -7/6, -1/6, 4/3
+    assert format_mean_std([0.5], 3) == "0.500" and format_mean_std([]) == ""
+    assert exceeds_spread([1.0, 2.0, 3.0], [5.0, 6.0, 7.0]) == (-4.0, True)  # |-4| > 1 + 1
+    assert exceeds_spread([1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) == (-1.0, False)  # |-1| <= 2
+    assert exceeds_spread([1.0, 2.0, 3.0], [9.0]) == (-7.0, None)  # one seed: no spread measured
+
+
+def test_layer_rows_are_head_means_and_spreads_over_seeds(tmp_path: Path) -> None:
+    seed0 = {"distance": np.array([[2.0, 4.0], [10.0, 10.0]]), "nmi": np.array([[0.2, 0.4], [0.1, 0.1]])}
+    seed1 = {"distance": np.array([[4.0, 6.0], [12.0, 12.0]]), "nmi": np.array([[0.4, 0.6], [0.1, 0.3]])}
+    rows = layer_rows({"mae": [seed0, seed1], "sup": [seed0]})
+    assert [(r["model"], r["layer"]) for r in rows] == [("mae", 1), ("mae", 2), ("sup", 1), ("sup", 2)]
+    # layer 1: head means 3 and 5 -> 4 ± sqrt(2); std over the two heads 1 in both seeds -> 1 ± 0
+    assert rows[0]["distance (px)"] == "4.00 ± 1.41" and rows[0]["distance: std over heads"] == "1.00 ± 0.00"
+    assert rows[1]["NMI"] == "0.150 ± 0.071" and rows[1]["NMI: std over heads"] == "0.050 ± 0.071"
+    assert rows[2]["distance (px)"] == "3.00" and rows[3]["NMI"] == "0.100"
+    png = plot_diversity({"mae": [seed0, seed1], "sup": [seed0]}, tmp_path / "d.png", uniform_distance=9.0)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_training_curves_show_the_mask_ratio_on_their_own_axis(tmp_path: Path) -> None:
+    jsonl = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": 1.0 + s / 100, "mask_ratio": s / 200} for s in (25, 50, 75, 100)]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    fig = training_curves_figure({"hybrid": jsonl, "teacher": jsonl})
+    twins = [ax for ax in fig.axes if any(line.get_label().startswith("mask_ratio") for line in ax.lines)]
+    assert len(twins) == 2 and twins[0] not in fig.axes[:2]  # a second y axis per panel, not the loss axis
+    line = next(ln for ln in twins[0].lines if ln.get_label().startswith("mask_ratio"))
+    assert list(line.get_ydata()) == [0.125, 0.25, 0.375, 0.5] and twins[0].get_ylim() == (0.0, 1.0)
+
+
+def _overlays(fig) -> dict[str, list[np.ndarray]]:
+    """{"kept <source> <ratio>": [the [gh, gw] 0/1 overlay of each image row]}, read back from the figure."""
+    out: dict[str, list[np.ndarray]] = {}
+    for ax in fig.axes:
+        for im in ax.images:
+            if im.get_label().startswith("kept "):
+                out.setdefault(im.get_label(), []).append(np.asarray(im.get_array()))
+    return out
+
+
+def test_kept_token_figure_marks_exactly_the_tokens_select_tokens_keeps() -> None:
+    grid, n = (3, 4), 12
+    images = uint8_images(2, size=24)
+    ordered = torch.arange(n, dtype=torch.float32).repeat(2, 1)  # token 11 scores highest
+    ordered[1] = ordered[1].flip(0)  # second image: token 0 highest
+    scored = torch.rand(2, n, generator=torch.Generator().manual_seed(0))
+    fig = kept_token_figure(images, {"ordered": ordered, "teacher": scored}, grid, (0.25, 0.5))
+    overlays = _overlays(fig)
+    assert set(overlays) == {f"kept {s} {r}" for s in ("ordered", "teacher") for r in ("0.25", "0.5")}
+    # By hand: at 50 % the 6 best of 0..11 are tokens 6..11, the grid's lower half (rows 1.5..2, row-major).
+    by_hand = np.array([[0, 0, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]], dtype=float)
+    np.testing.assert_array_equal(overlays["kept ordered 0.5"][0], by_hand)
+    np.testing.assert_array_equal(overlays["kept ordered 0.5"][1], by_hand[::-1, ::-1])
+    assert overlays["kept ordered 0.25"][0].sum() == 9  # num_kept(12, 0.25)
+    for ratio in (0.25, 0.5):
+        keep = select_tokens(scored, num_kept(n, ratio))  # what the trainer keeps for these scores
+        for i in range(2):
+            expected = np.zeros(n)
+            expected[keep[i].numpy()] = 1
+            np.testing.assert_array_equal(overlays[f"kept teacher {ratio:g}"][i], expected.reshape(grid))
