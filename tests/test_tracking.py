@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -24,13 +25,21 @@ from tests.test_evaluate import fmnist_shards, write_run
 from tests.test_finetune import ft_config_args
 
 
+@pytest.fixture(scope="session")
+def wandb_tmp(tmp_path_factory) -> Path:
+    """A short temporary folder for W&B's sockets and scratch folders (a unix socket's path has < 108 bytes)."""
+    return tmp_path_factory.mktemp("wb")
+
+
 @pytest.fixture
-def wandb_offline(tmp_path, monkeypatch) -> None:
+def wandb_offline(tmp_path, wandb_tmp, monkeypatch) -> None:
     """Offline, silent, and everything W&B writes outside the run directory (its service's logs, settings,
-    staging) kept under tmp_path."""
+    sockets and scratch folders, which it leaves behind) kept in pytest's temporary folders."""
     home = tmp_path / "wandb_home"
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("TMPDIR", str(wandb_tmp))  # W&B's service processes
+    monkeypatch.setattr(tempfile, "tempdir", str(wandb_tmp))  # wandb's Python side
     for var, sub in (
         ("WANDB_DIR", "dir"),
         ("WANDB_CACHE_DIR", "cache"),
