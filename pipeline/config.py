@@ -39,6 +39,7 @@ from pipeline.schema import (  # noqa: F401  (re-exported: the schema's names ar
     one_of,
     require,
 )
+from pipeline.tracking import check_wandb_installed
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -256,6 +257,7 @@ def validate(cfg: RootConfig, check_files: bool = True) -> None:
     one_of(t.dtype, "train.dtype", ("auto", "fp32", "bf16"))
     one_of(t.device, "train.device", ("auto", "cpu", "cuda"))
     validate_parallel(cfg.parallel)
+    check_wandb_installed(cfg.tracking)
     validate_std(cfg.student.std, "student.std")
     if d.objective == "hybrid":
         validate_terms(cfg)

@@ -18,7 +18,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from pipeline.metrics import MetricLogger, Timer, Window, term_grad_norms
 from pipeline.optim import lr_at
 from pipeline.parallel.base import Parallel
 from pipeline.parallel.dist import DistInfo, any_rank, barrier, init_distributed
-from pipeline.schema import ConfigError
+from pipeline.schema import ConfigError, TrackingConfig
 
 log = logging.getLogger("pipeline.train")
 
@@ -54,6 +54,8 @@ class LoopSettings:
     """Steps between agreeing on a stop request across ranks besides log steps (0: log steps only)."""
     term_grad_norm_every: int = 0
     """Steps between per-term gradient norms (0: off); a multiple of log_every."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking beside TensorBoard (W&B, on rank 0): the config's `tracking`."""
 
 
 class Task:
@@ -184,7 +186,12 @@ class TrainLoop:
                 f"resumed from {latest} at step {self.step}: model, optimizer, loader position and RNG restored"
             )
         self.metrics = MetricLogger(
-            self.run_dir, self.s.total, self.s.log_every, self.info.is_main, start_step=self.step
+            self.run_dir,
+            self.s.total,
+            self.s.log_every,
+            self.info.is_main,
+            start_step=self.step,
+            tracking=self.s.tracking,
         )
         self.t_window, self.data_wait = time.perf_counter(), 0.0
 

@@ -16,6 +16,7 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 CHECKPOINT_FORMATS = ("auto", "timm", "mae", "clip", "open_clip", "dinov2", "eva")
 DATA_MODES = ("resampled", "epoch")
 DATA_READERS = ("indexed", "webdataset")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -345,6 +346,26 @@ class SlurmConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking beside TensorBoard and metrics.jsonl (the `tracking` group of the root config)."""
+
+    wandb: bool = False
+    """Log every log step (train.log_every) to Weights & Biases too; needs `pip install wandb`."""
+    project: str = "hybrid-distill"
+    """W&B project the run belongs to."""
+    entity: str = ""
+    """W&B user or team (empty: the account's default entity)."""
+    mode: str = "offline"
+    """online | offline (files under run_dir/wandb, uploaded later with `wandb sync`; no network needed) |
+    disabled. WANDB_MODE in the environment, when set, wins (a compute node without network sets offline)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags of the run."""
+
+    def __post_init__(self) -> None:
+        one_of(self.mode, "tracking.mode", WANDB_MODES)
+
+
+@dataclass
 class RootConfig:
     name: str = "default"
     """Run name; the run directory defaults to runs/<name>."""
@@ -362,3 +383,5 @@ class RootConfig:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking beside TensorBoard: Weights & Biases, off by default (pipeline.tracking)."""

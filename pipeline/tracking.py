@@ -18,47 +18,21 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from pipeline import rundir
+from pipeline.schema import TrackingConfig, require
 
-WANDB_MODES = ("online", "offline", "disabled")
 WANDB_RUN_ID = "wandb_run_id.txt"
 """The W&B run id of this run directory, written at the first start and read at every resume."""
 INSTALL_HINT = "pip install wandb (or the project's extra: pip install -e '.[wandb]')"
 
 
-@dataclass
-class TrackingConfig:
-    """Experiment tracking beside TensorBoard and metrics.jsonl (the `tracking` group of the root config)."""
-
-    wandb: bool = False
-    """Log every log step (train.log_every) to Weights & Biases too; needs `pip install wandb`."""
-    project: str = "hybrid-distill"
-    """W&B project the run belongs to."""
-    entity: str = ""
-    """W&B user or team (empty: the account's default entity)."""
-    mode: str = "offline"
-    """online | offline (files under run_dir/wandb, uploaded later with `wandb sync`; no network needed) |
-    disabled. WANDB_MODE in the environment, when set, wins (a compute node without network sets offline)."""
-    tags: list[str] = field(default_factory=list)
-    """W&B tags of the run."""
-
-    def __post_init__(self) -> None:
-        # Imported here: pipeline.schema imports this module for RootConfig.tracking.
-        from pipeline.schema import one_of
-
-        one_of(self.mode, "tracking.mode", WANDB_MODES)
-
-
 def check_wandb_installed(t: TrackingConfig) -> None:
     """At config validation: stop before any heavy work when tracking.wandb is on and wandb is not installed."""
-    from pipeline.schema import require
-
     require(not t.wandb or importlib.util.find_spec("wandb") is not None, "tracking.wandb", _missing())
 
 

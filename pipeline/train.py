@@ -65,6 +65,7 @@ def settings(cfg: RootConfig, world_size: int) -> LoopSettings:
         keep_last=t.keep_last,
         stop_check_every=t.stop_check_every,
         term_grad_norm_every=t.term_grad_norm_every if cfg.distill.objective == "hybrid" else 0,
+        tracking=cfg.tracking,
     )
 
 

@@ -24,7 +24,8 @@ from pipeline.config import (
     require,
     validate_parallel,
 )
-from pipeline.schema import DataConfig
+from pipeline.schema import DataConfig, TrackingConfig
+from pipeline.tracking import check_wandb_installed
 
 FT_CONF_DIR = CONF_DIR / "finetune"
 DEFAULT_PRESET = "vit_base_in1k"
@@ -144,6 +145,8 @@ class FinetuneConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """For python -m slurm.submit --task finetune (conf/slurm/)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking beside TensorBoard: Weights & Biases, off by default (pipeline.tracking)."""
 
 
 ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
@@ -197,6 +200,7 @@ def validate(cfg: FinetuneConfig, check_files: bool = True) -> None:
         "log_every, ckpt_every, keep_last >= 1",
     )
     validate_parallel(cfg.parallel)
+    check_wandb_installed(cfg.tracking)
     if check_files:
         for key, path in (
             ("data.train_shards", cfg.data.train_shards),

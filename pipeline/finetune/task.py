@@ -225,6 +225,7 @@ def prepare(cfg: FinetuneConfig, info: DistInfo, device: torch.device) -> TrainL
         ckpt_every=t.ckpt_every,
         keep_last=t.keep_last,
         stop_check_every=t.stop_check_every,
+        tracking=cfg.tracking,
     )
     task = FinetuneTask(
         cfg, model, augment, val_loader, eval_every, total, device, weights, peak, global_batch
