@@ -170,6 +170,7 @@ class TrainLoop:
         self.batches: Iterator[dict] | None = None
         self.metrics: MetricLogger | None = None
         self.stop_agreed = False
+        self.stop_requested: Callable[[], bool] | None = None  # set by run(); a launcher's clean-stop request
         self.rates: list[float] = []
         self.last_eval: dict[str, float] = {}
 
@@ -295,5 +296,3 @@ class TrainLoop:
         self.metrics.close()
         barrier()
         return status
-
-    stop_requested: Callable[[], bool] | None = None
