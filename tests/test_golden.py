@@ -1,11 +1,16 @@
 """Golden values: the smoke config's first losses on CPU in fp32, pinned before refactors that must not change
-the maths (they were captured from the code before the teachers-as-a-named-set refactor; it keeps them, with the
-smoke config's relation term averaged over heads as that code did: its teacher has 4 heads, the student 2).
+the maths (they were captured from the code before the teachers-as-a-named-set refactor; it keeps them, with
+the smoke config's relation term averaged over heads as that code did: its teacher has 4 heads, the student
+2).
 
 The objective is called on fixed uint8 batches at steps 0, 3 and 6 (mask ratio 0, 0.1875, 0.375 of the linear
-ramp); the trainer's first eight logged losses come from a real run on Fashion-MNIST shards. Values are compared
-to 1e-6 relative (the pinned ones are bit-identical on the machine that pinned them; another CPU's BLAS may round
-the last bit differently, while any change of the maths moves them by far more).
+ramp); the trainer's first eight logged losses come from a real run on Fashion-MNIST shards. Values are
+compared to 1e-6 relative or 1e-7 absolute, whichever is wider. The pinned ones are bit-identical on the
+machine that pinned them; another CPU's BLAS rounds differently, and the relation loss, a KL divergence of two
+nearly equal distributions over 65 keys, is a small sum of log-probabilities of order log(65) ~ 4, so their
+float32 rounding (~5e-7 each) survives in it as an absolute error: a CI machine measured it 1.9e-9 and 4.7e-9
+away (4e-5 and 1.4e-6 relative). Any change of the maths moves the values by far more (the four variants'
+relation losses differ from each other by 2e-4 and more).
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ def golden_teachers(tmp_path_factory) -> dict[str, list[str]]:
 
 
 def same(got: float, pinned: float) -> bool:
-    return math.isclose(got, pinned, rel_tol=1e-6, abs_tol=1e-12)
+    return math.isclose(got, pinned, rel_tol=1e-6, abs_tol=1e-7)
 
 
 @pytest.mark.parametrize("case", list(GOLDEN))
