@@ -192,6 +192,12 @@ def plot_diversity(
     distance of uniform attention over the grid (the longest range a head can have on average), dotted."""
     names = list(stats)
     fig, axes = plt.subplots(2, len(names), figsize=(2.7 * len(names), 5.6), sharey="row", squeeze=False)
+    top = {
+        key: max(float(np.max(s[key])) for runs in stats.values() for s in runs)
+        for key in ("distance", "nmi")
+    }
+    if uniform_distance is not None:
+        top["distance"] = max(top["distance"], uniform_distance)
     for col, name in enumerate(names):
         for row, (key, label) in enumerate((("distance", "attention distance (px)"), ("nmi", "NMI"))):
             ax = axes[row][col]
@@ -204,7 +210,9 @@ def plot_diversity(
             if key == "distance" and uniform_distance is not None:
                 ax.axhline(uniform_distance, color="0.5", ls=":", lw=1, label="uniform attention")
             ax.set_xticks(layers)
-            ax.set_ylim(bottom=0)  # from zero: a near-uniform model is not magnified into apparent structure
+            # from zero: a near-uniform model is not magnified into apparent structure; up to every model's
+            # largest value (the shared axis would otherwise keep the first column's top and clip the others)
+            ax.set_ylim(0, 1.05 * top[key])
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.set_title(name, fontsize=9)

@@ -192,6 +192,21 @@ def test_layer_rows_are_head_means_and_spreads_over_seeds(tmp_path: Path) -> Non
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_diversity_axes_hold_every_models_values(tmp_path: Path, monkeypatch) -> None:
+    """The rows share their y axis: its top must clear the largest value of any column, not the first one's."""
+    import pipeline.analysis as analysis
+
+    small = {"distance": np.array([[2.0, 3.0]]), "nmi": np.array([[0.10, 0.12]])}
+    large = {"distance": np.array([[8.0, 12.0]]), "nmi": np.array([[0.15, 0.30]])}
+    figures = []
+    monkeypatch.setattr(analysis, "save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    plot_diversity({"first": [small], "second": [large]}, tmp_path / "d.png", uniform_distance=9.0)
+    (fig,) = figures
+    distance_axes, nmi_axes = fig.axes[:2], fig.axes[2:4]  # subplots are numbered row by row
+    assert all(ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 12.0 for ax in distance_axes)
+    assert all(ax.get_ylim()[1] >= 0.30 for ax in nmi_axes)
+
+
 def test_training_curves_show_the_mask_ratio_on_their_own_axis(tmp_path: Path) -> None:
     jsonl = tmp_path / "metrics.jsonl"
     records = [{"step": s, "loss": 1.0 + s / 100, "mask_ratio": s / 200} for s in (25, 50, 75, 100)]
