@@ -140,12 +140,15 @@ def main() -> None:
     for rep in range(args.repeats + 1):
         peaks.append(matmul_peak(repeats=3))  # best round = the least disturbed measurement of the peak
         for i, fn in enumerate([plain] + [s for s, _ in steps]):
+            timer = steps[i - 1][1].teacher_timer if i > 0 else None  # the loop's own teacher timer
+            if timer is not None:
+                timer.take()  # drop what earlier calls (warm-up, FLOP counting) left in it
             t0 = time.perf_counter()
             fn()
             if rep > 0:  # the first round warms up allocators and caches
                 times[i].append(time.perf_counter() - t0)
-                if i > 0:
-                    teacher[i - 1].append(steps[i - 1][1].teacher_seconds)
+                if timer is not None:
+                    teacher[i - 1].append(timer.take())
     peak = max(peaks)
     plain_t = statistics.median(times[0])
     plain_rate = plain_flops / plain_t
